@@ -1,0 +1,79 @@
+"""Atomic round checkpoints: written under a temporary name, fsynced, renamed; `latest` moves last.
+
+    checkpoints/<t>/           Hugging Face model (safetensors) + tokenizer + generation config, and trainer_state.pt
+    checkpoints/latest         the name of the last COMPLETE checkpoint
+A folder without trainer_state.pt, or not named by `latest`, is never loaded.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+STATE_FILE = "trainer_state.pt"
+
+
+def _fsync_tree(path: Path) -> None:
+    for f in sorted(path.rglob("*")):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(run_dir: Path, name: str, save_model, state: dict, keep_last: int | None = None) -> Path:
+    """save_model(folder) writes the model files; `state` is the trainer state (tensors and plain Python only)."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{name}"
+    if tmp.exists():  # left by a run killed while saving: never complete, safe to discard
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_model(tmp)
+    torch.save(state, tmp / STATE_FILE)
+    _fsync_tree(tmp)
+    final = root / name
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _write_atomic(root / "latest", name + "\n")
+    if keep_last:
+        _prune(root, keep_last, keep=name)
+    return final
+
+
+def _prune(root: Path, keep_last: int, keep: str) -> None:
+    done = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / STATE_FILE).exists()),
+                  key=lambda p: p.stat().st_mtime)
+    for p in done[:-keep_last]:
+        if p.name != keep:
+            shutil.rmtree(p)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    latest = Path(run_dir) / "checkpoints" / "latest"
+    if not latest.exists():
+        return None
+    path = latest.parent / latest.read_text().strip()
+    if not (path / STATE_FILE).exists():
+        raise FileNotFoundError(f"{latest} names {path.name}, which is incomplete or missing ({STATE_FILE} not found)")
+    return path
+
+
+def load_state(path: Path) -> dict:
+    return torch.load(Path(path) / STATE_FILE, weights_only=True, map_location="cpu")

@@ -1,0 +1,103 @@
+"""The `spinlm` command. Every subcommand takes key=value overrides on top of the packaged config."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from spinlm.config import ConfigError, load_config, to_yaml
+from spinlm.data.example import DataError
+from spinlm.errors import UserError
+
+
+def _overrides_parser(prog_help: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=True, description=prog_help)
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. preset=smoke trainer.rounds=2")
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    return p
+
+
+def _cmd_train(args) -> int:
+    from spinlm.main_spin import run
+
+    run(load_config(args.overrides))
+    return 0
+
+
+def _cmd_sft(args) -> int:
+    from spinlm.sft import run_sft_from_config
+
+    run_sft_from_config(load_config(args.overrides))
+    return 0
+
+
+def _cmd_config(args) -> int:
+    from spinlm.config_check import check_config
+
+    cfg = load_config(args.overrides)
+    if args.action == "show":
+        print(to_yaml(cfg), end="")
+        return 0
+    problems = check_config(cfg)
+    if problems:
+        print(f"config check: {len(problems)} problem(s)", file=sys.stderr)
+        for p in problems:
+            print(f"- {p}", file=sys.stderr)
+        return 2
+    print("config check: OK")
+    return 0
+
+
+def _cmd_task(args) -> int:
+    from spinlm.tasks.build import build_tiny_task
+
+    build_tiny_task(args.output, seed=args.seed, force=args.force)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spinlm", description="Self-play fine-tuning (SPIN) and online DPO.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    for name, fn, text in [
+        ("train", _cmd_train, "run SPIN / online-DPO rounds (in-process, CPU or one GPU)"),
+        ("sft", _cmd_sft, "supervised fine-tuning with a response-only loss (the warm start)"),
+    ]:
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. preset=smoke trainer.rounds=2")
+        p.add_argument("--debug", action="store_true", help="show Python tracebacks")
+        p.set_defaults(func=fn)
+
+    p = sub.add_parser("config", help="print the resolved config or check it", description="config show | check")
+    p.add_argument("action", choices=["show", "check"], help="show: print the resolved YAML; check: run every safety rule")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser("task", help="build the bundled tiny task (data, tokenizer, SFT warm start)",
+                       description="build the bundled tiny arithmetic task into a folder (cached)")
+    p.add_argument("action", choices=["build"])
+    p.add_argument("--output", default=".cache/tiny_task", help="folder to build into (default .cache/tiny_task)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="rebuild even if a complete build is there")
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    p.set_defaults(func=_cmd_task)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, UserError) as exc:
+        if args.debug:
+            raise
+        print(f"spinlm {args.command}: error:\n{exc}" if isinstance(exc, ConfigError)
+              else f"spinlm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"spinlm {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

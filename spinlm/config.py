@@ -1,0 +1,66 @@
+"""Load the run configuration: packaged defaults, then a preset, then command-line ``key=value`` overrides.
+
+The override grammar is OmegaConf's dotlist (the same ``a.b=value`` verl users type with Hydra); values are parsed
+as YAML, so ``algorithm.beta=[0.1,0.1,5.0]`` gives a list and ``data.val_files=null`` gives None.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Mapping
+
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A configuration problem (or several): each line names the key, its value and the rule broken."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(f"- {p}" for p in self.problems))
+
+
+def _config_dir() -> Path:
+    return Path(__file__).resolve().parent / "config"
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in (_config_dir() / "preset").glob("*.yaml"))
+
+
+def default_config() -> DictConfig:
+    return OmegaConf.load(_config_dir() / "default.yaml")
+
+
+def _parse_overrides(overrides: Iterable[str]) -> DictConfig:
+    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
+    if bad:
+        raise ConfigError([f"override {o!r}: expected key=value (e.g. trainer.rounds=2)" for o in bad])
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except Exception as exc:  # omegaconf's grammar errors: name the offending text
+        raise ConfigError([f"overrides {list(overrides)}: cannot parse ({exc})"]) from exc
+
+
+def load_config(overrides: Iterable[str] | Mapping | DictConfig = ()) -> DictConfig:
+    """Defaults <- preset <- overrides. Unknown keys are kept so that the safety officer can name them all."""
+    if isinstance(overrides, (Mapping, DictConfig)):
+        user = OmegaConf.create(dict(overrides) if isinstance(overrides, Mapping) else overrides)
+    else:
+        user = _parse_overrides(list(overrides))
+    base = default_config()
+    preset = user.get("preset", base.preset)
+    if preset not in available_presets():
+        raise ConfigError([f"preset={preset!r}: unknown preset; expected one of {available_presets()}"])
+    cfg = OmegaConf.merge(base, OmegaConf.load(_config_dir() / "preset" / f"{preset}.yaml"), user)
+    cfg.preset = preset
+    return cfg
+
+
+def resolved(cfg: DictConfig) -> DictConfig:
+    """A copy with interpolations (e.g. ${oc.env:...}) resolved: what the run actually uses."""
+    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    return out
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

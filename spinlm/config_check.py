@@ -1,0 +1,569 @@
+"""The safety officer: every cross-field rule of a run's config, checked before any model or data loads.
+
+``check_config`` returns ALL problems at once, each naming the key, its value and the rule broken, so a user
+fixes a config in one pass instead of one crash per launch. It reads files (a model's config.json, the first row
+of each data file) but never builds a model or loads a tokenizer; torch is imported only to count GPUs, and
+only when the config asks for them.
+
+A value that already failed a rule (unset, unresolvable, wrong type, out of range) is left out of the later
+rules, so each mistake is reported once.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from spinlm.config import ConfigError, available_presets, default_config
+
+MISSING = "???"
+
+ENUMS: dict[str, tuple[str, ...]] = {
+    "algorithm.mode": ("spin", "online_dpo"),
+    "algorithm.loss_type": ("sigmoid", "hinge", "ipo", "exponential", "robust", "sppo_hard", "bco_pair"),
+    "data.format": ("auto", "messages", "verl", "spin", "plain", "preference"),
+    "data.truncation": ("error", "left", "right", "drop"),
+    "actor.optimizer": ("adamw", "rmsprop"),
+    "actor.lr_scheduler": ("linear", "cosine", "constant"),
+    "trainer.resume": ("auto", "disable"),
+    "trainer.device": ("auto", "cpu", "cuda"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
+    "rollout.engine": ("hf",),
+    "reward.gsm8k_method": ("strict", "flexible"),
+}
+LOGGERS = ("console", "jsonl", "tensorboard", "wandb", "mlflow")
+
+# Types a key accepts where its default's type is not the whole story: mandatory (???) keys, null defaults and
+# keys that take a number or a list. Any other key takes the type of its default.
+TYPE_OVERRIDES: dict[str, tuple[str, ...]] = {
+    "model.path": ("str",),
+    "model.tokenizer_path": ("null", "str"),
+    "data.train_files": ("str", "list[str]"),
+    "data.val_files": ("null", "str", "list[str]"),
+    "data.prompts_per_round": ("null", "int"),
+    "data.val_max_samples": ("null", "int"),
+    "algorithm.beta": ("float", "list[float]"),
+    "reward.custom_path": ("null", "str"),
+    "actor.max_tokens_per_micro_batch": ("null", "int"),
+    "trainer.keep_last_checkpoints": ("null", "int"),
+    "trainer.threads": ("null", "int"),
+    "sft.max_examples": ("null", "int"),
+    "sft.output_dir": ("null", "str"),
+}
+_TYPE_WORDS = {
+    "null": "null", "bool": "a boolean (true/false)", "int": "an integer", "float": "a number", "str": "a string",
+    "list[str]": "a list of strings", "list[float]": "a list of numbers", "list": "a list",
+    "any": "a scalar or a list",
+}
+
+
+# ------------------------------------------------------------------------------------------------ formatting
+
+def _fmt(value: Any) -> str:
+    """A value as the user would type it in an override (null, true, [a, b])."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value if value else "''"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_fmt(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_fmt(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _matches(value: Any, kind: str) -> bool:
+    if kind == "null":
+        return value is None
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float":
+        return _is_number(value)
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "list[str]":
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if kind == "list[float]":
+        return isinstance(value, list) and all(_is_number(v) for v in value)
+    if kind == "list":
+        return isinstance(value, list)
+    return not isinstance(value, dict)  # "any": a leaf must not be a mapping
+
+
+def _kinds_of_default(key: str, default: Any) -> tuple[str, ...]:
+    if key in TYPE_OVERRIDES:
+        return TYPE_OVERRIDES[key]
+    if default is None:
+        return ("null", "any")
+    if isinstance(default, bool):
+        return ("bool",)
+    if isinstance(default, int):
+        return ("int",)
+    if isinstance(default, float):
+        return ("float",)
+    if isinstance(default, list):
+        if default and all(isinstance(v, str) for v in default):
+            return ("list[str]",)
+        if default and all(_is_number(v) for v in default):
+            return ("list[float]",)
+        return ("list",)
+    if default == MISSING:
+        return ("any",)
+    return ("str",)
+
+
+# ------------------------------------------------------------------------------------------------ the tree
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def _suggest(path: str, defaults: dict, all_leaves: list[str]) -> str | None:
+    """The known key the user most likely meant: fix each path component against the defaults (typos), else the
+    same leaf name in another section (actor.rounds -> trainer.rounds), else the closest full path."""
+    parts, node, fixed = path.split("."), defaults, []
+    for part in parts:
+        if not isinstance(node, dict):
+            break
+        if part not in node:
+            close = difflib.get_close_matches(part, [str(k) for k in node], n=1, cutoff=0.6)
+            if not close:
+                break
+            part = close[0]
+        fixed.append(part)
+        node = node[part]
+    else:
+        guess = ".".join(fixed)
+        if guess != path:
+            return guess
+    leaf = parts[-1]
+    same_name = [k for k in all_leaves if k.rsplit(".", 1)[-1] == leaf]
+    if same_name:
+        return same_name[0]
+    close = difflib.get_close_matches(path, all_leaves, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _resolve(cfg: DictConfig, path: str) -> Any:
+    """The value at ``path`` with interpolations resolved, as plain Python; raises omegaconf's errors."""
+    value = OmegaConf.select(cfg, path, throw_on_resolution_failure=True, throw_on_missing=True)
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value, resolve=True, throw_on_missing=True)
+    return value
+
+
+def _read_tree(cfg: DictConfig) -> tuple[list[str], dict[str, Any]]:
+    """Unknown keys, missing and unresolvable values, and types. Returns the problems and the values that
+    passed, by dotted key."""
+    defaults = OmegaConf.to_container(default_config(), resolve=False)
+    default_leaves = _flatten(defaults)
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    problems: list[str] = []
+    values: dict[str, Any] = {}
+
+    def walk(user: dict, known: dict, prefix: str) -> None:
+        for key, value in user.items():
+            path = f"{prefix}{key}"
+            if key not in known:
+                leaves = _flatten(value, path + ".") if isinstance(value, dict) and value else {path: value}
+                for leaf, leaf_value in leaves.items():
+                    guess = _suggest(leaf, defaults, list(default_leaves))
+                    hint = f"; did you mean {guess}?" if guess else ""
+                    problems.append(f"{leaf}={_fmt(leaf_value)}: unknown key{hint}")
+                continue
+            if isinstance(known[key], dict):
+                if isinstance(value, dict):
+                    walk(value, known[key], path + ".")
+                else:
+                    problems.append(f"{path}={_fmt(value)}: expected a section with keys "
+                                    f"{', '.join(known[key])}")
+        for key in known:
+            if key not in user and not isinstance(known[key], dict):
+                problems.append(f"{prefix}{key}: missing from the config (the packaged default is "
+                                f"{_fmt(known[key])})")
+
+    walk(raw, defaults, "")
+
+    for key, default in default_leaves.items():
+        if not _present(raw, key):
+            continue  # absent: reported by walk
+        raw_value = _get(raw, key)
+        if raw_value == MISSING:
+            problems.append(f"{key}=???: must be set (a mandatory value with no default)")
+            continue
+        try:
+            value = _resolve(cfg, key)
+        except OmegaConfBaseException as exc:
+            reason = str(exc).splitlines()[0]
+            problems.append(f"{key}={_fmt(raw_value)}: cannot resolve ({reason})")
+            continue
+        kinds = _kinds_of_default(key, default)
+        if not any(_matches(value, k) for k in kinds):
+            expected = " or ".join(_TYPE_WORDS[k] for k in kinds)
+            shown = f" (the default is {_fmt(default)})" if default not in (None, MISSING) else ""
+            problems.append(f"{key}={_fmt(value)}: expected {expected}{shown}")
+            continue
+        values[key] = value
+    return problems, values
+
+
+def _present(raw: dict, key: str) -> bool:
+    node: Any = raw
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _get(raw: dict, key: str) -> Any:
+    node: Any = raw
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+class _Values:
+    """The values that passed every rule so far; a rule that finds one bad drops it for the rules after."""
+
+    def __init__(self, values: dict[str, Any]):
+        self._values = values
+
+    def has(self, *keys: str) -> bool:
+        return all(k in self._values for k in keys)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def drop(self, key: str) -> None:
+        self._values.pop(key, None)
+
+    def section(self, prefix: str) -> dict[str, Any]:
+        return {k[len(prefix) + 1:]: v for k, v in self._values.items() if k.startswith(prefix + ".")}
+
+
+# ------------------------------------------------------------------------------------------------ rules
+
+def _check_enums(v: _Values) -> list[str]:
+    problems = []
+    choices_of = dict(ENUMS, preset=tuple(available_presets()))
+    for key, choices in choices_of.items():
+        if v.has(key) and v[key] not in choices:
+            close = difflib.get_close_matches(str(v[key]), choices, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            problems.append(f"{key}={_fmt(v[key])}: must be one of {', '.join(choices)}{hint}")
+            v.drop(key)
+    if v.has("trainer.logger"):
+        for i, name in enumerate(v["trainer.logger"]):
+            if name not in LOGGERS:
+                close = difflib.get_close_matches(name, LOGGERS, n=1)
+                hint = f"; did you mean {close[0]}?" if close else ""
+                problems.append(f"trainer.logger[{i}]={_fmt(name)}: must be one of {', '.join(LOGGERS)}{hint}")
+    return problems
+
+
+# key -> (lower bound, lower inclusive, upper bound, upper inclusive, null allowed)
+_Bound = tuple[float | None, bool, float | None, bool, bool]
+RANGES: dict[str, _Bound] = {
+    "data.max_prompt_length": (1, True, None, False, False),
+    "data.max_response_length": (1, True, None, False, False),
+    "data.prompts_per_round": (1, True, None, False, True),
+    "data.val_max_samples": (1, True, None, False, True),
+    "algorithm.label_smoothing": (0, True, 0.5, False, False),
+    "algorithm.dpop_lambda": (0, True, None, False, False),
+    "algorithm.sft_weight": (0, True, None, False, False),
+    "algorithm.history_rounds": (0, True, None, False, False),
+    "algorithm.ref_update_every": (1, True, None, False, False),
+    "algorithm.missing_eos_penalty": (0, True, None, False, False),
+    "rollout.n": (1, True, None, False, False),
+    "rollout.temperature": (0, False, None, False, False),
+    "rollout.top_p": (0, False, 1, True, False),
+    "rollout.top_k": (0, True, None, False, False),
+    "rollout.batch_size": (1, True, None, False, False),
+    "actor.lr": (0, False, None, False, False),
+    "actor.weight_decay": (0, True, None, False, False),
+    "actor.eps": (0, False, None, False, False),
+    "actor.warmup_ratio": (0, True, 1, False, False),
+    "actor.grad_clip": (0, False, None, False, False),
+    "actor.micro_batch_size": (1, True, None, False, False),
+    "actor.max_tokens_per_micro_batch": (1, True, None, False, True),
+    "actor.logprob_chunk_size": (1, True, None, False, False),
+    "trainer.rounds": (1, True, None, False, False),
+    "trainer.epochs_per_round": (1, True, None, False, False),
+    "trainer.train_batch_size": (1, True, None, False, False),
+    "trainer.n_gpus_per_node": (0, True, None, False, False),
+    "trainer.nnodes": (1, True, None, False, False),
+    "trainer.log_every": (1, True, None, False, False),
+    "trainer.keep_last_checkpoints": (1, True, None, False, True),
+    "trainer.max_bad_steps": (0, True, None, False, False),
+    "trainer.threads": (1, True, None, False, True),
+    "sft.steps": (1, True, None, False, False),
+    "sft.batch_size": (1, True, None, False, False),
+    "sft.lr": (0, False, None, False, False),
+    "sft.warmup_ratio": (0, True, 1, False, False),
+    "sft.max_examples": (1, True, None, False, True),
+}
+
+
+def _in_range(x: float, lo: float | None, lo_inc: bool, hi: float | None, hi_inc: bool) -> bool:
+    if lo is not None and (x < lo if lo_inc else x <= lo):
+        return False
+    return hi is None or (x <= hi if hi_inc else x < hi)
+
+
+def _describe_range(lo: float | None, lo_inc: bool, hi: float | None, hi_inc: bool) -> str:
+    if lo is not None and hi is not None:
+        return f"in {'[' if lo_inc else '('}{_num(lo)}, {_num(hi)}{']' if hi_inc else ')'}"
+    if lo is not None:
+        return f"{'>=' if lo_inc else '>'} {_num(lo)}"
+    return f"{'<=' if hi_inc else '<'} {_num(hi)}"
+
+
+def _check_ranges(v: _Values) -> list[str]:
+    problems = []
+    for key, (lo, lo_inc, hi, hi_inc, nullable) in RANGES.items():
+        if not v.has(key) or (nullable and v[key] is None):
+            continue
+        if not _in_range(v[key], lo, lo_inc, hi, hi_inc):
+            rule = _describe_range(lo, lo_inc, hi, hi_inc)
+            problems.append(f"{key}={_fmt(v[key])}: must be {'null or ' if nullable else ''}{rule}")
+            v.drop(key)
+    if v.has("actor.betas"):
+        betas = v["actor.betas"]
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            problems.append(f"actor.betas={_fmt(betas)}: must be two numbers in [0, 1) (Adam's beta1, beta2)")
+    return problems
+
+
+def _check_beta(v: _Values) -> list[str]:
+    if not v.has("algorithm.beta"):
+        return []
+    beta = v["algorithm.beta"]
+    rule = "must be > 0 (a number, or a list with one positive value per round)"
+    if not isinstance(beta, list):
+        return [] if beta > 0 else [f"algorithm.beta={_fmt(beta)}: {rule}"]
+    problems = [f"algorithm.beta={_fmt(beta)}: algorithm.beta[{i}]={_fmt(b)} {rule}"
+                for i, b in enumerate(beta) if b <= 0]
+    if v.has("trainer.rounds") and len(beta) != v["trainer.rounds"]:
+        problems.append(f"algorithm.beta={_fmt(beta)}: a list needs one value per round: {len(beta)} value(s) "
+                        f"for trainer.rounds={v['trainer.rounds']}")
+    return problems
+
+
+def _check_mode(v: _Values) -> list[str]:
+    if v.has("algorithm.mode", "rollout.n") and v["algorithm.mode"] == "online_dpo" and v["rollout.n"] < 2:
+        return [f"rollout.n={v['rollout.n']}: algorithm.mode=online_dpo needs rollout.n >= 2 (each pair is the best "
+                "vs the worst of n samples of the same prompt)"]
+    return []
+
+
+def _check_batches(v: _Values) -> list[str]:
+    keys = ("trainer.train_batch_size", "actor.micro_batch_size", "trainer.nnodes", "trainer.n_gpus_per_node")
+    if not v.has(*keys):
+        return []
+    batch, micro, nnodes, gpus = (v[k] for k in keys)
+    world = nnodes * max(gpus, 1)
+    if batch % (micro * world) == 0:
+        return []
+    return [f"trainer.train_batch_size={batch}: must be divisible by actor.micro_batch_size x world size = "
+            f"{micro} x {world} = {micro * world} (world size = trainer.nnodes x max(trainer.n_gpus_per_node, 1) "
+            f"= {nnodes} x {max(gpus, 1)})"]
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def _looks_local(path: str) -> bool:
+    """A local path rather than a hub id such as 'Qwen/Qwen2.5-0.5B' (which is not checked offline)."""
+    return path.startswith((".", "/", "~")) or (os.sep in path and not _HUB_ID.fullmatch(path))
+
+
+def _read_model_config(key: str, path: str) -> tuple[list[str], dict | None]:
+    """Problems with a model directory, and its config.json when there is one to read."""
+    if not path.strip():
+        return [f"{key}={_fmt(path)}: must not be empty (a model directory or hub id)"], None
+    local = Path(path).expanduser()
+    if not local.exists():
+        return ([f"{key}={path}: no such directory"] if _looks_local(path) else []), None
+    if not local.is_dir():
+        return [f"{key}={path}: is a file; expected a Hugging Face model directory (with config.json)"], None
+    config_json = local / "config.json"
+    if not config_json.is_file():
+        return [f"{key}={path}: the directory has no config.json, so it is not a Hugging Face model directory"], None
+    try:
+        data = json.loads(config_json.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return [f"{key}={path}: cannot read {config_json} ({exc})"], None
+    if not isinstance(data, dict):
+        return [f"{key}={path}: {config_json} holds {type(data).__name__}, expected a JSON object"], None
+    return [], data
+
+
+_POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length")
+
+
+def _max_positions(model_config: dict) -> tuple[str, int] | None:
+    for section in (model_config, model_config.get("text_config")):
+        if isinstance(section, dict):
+            for name in _POSITION_KEYS:
+                if _is_number(section.get(name)):
+                    return name, int(section[name])
+    return None
+
+
+def _check_model(v: _Values) -> list[str]:
+    problems: list[str] = []
+    model_config = None
+    if v.has("model.path"):
+        found, model_config = _read_model_config("model.path", v["model.path"])
+        problems += found
+    if v.has("model.tokenizer_path") and v["model.tokenizer_path"] is not None:
+        path = v["model.tokenizer_path"]
+        if not Path(path).expanduser().exists() and (_looks_local(path) or not path.strip()):
+            problems.append(f"model.tokenizer_path={_fmt(path)}: no such directory")
+    if model_config is None or not v.has("data.max_prompt_length", "data.max_response_length"):
+        return problems
+    limit = _max_positions(model_config)
+    prompt, response = v["data.max_prompt_length"], v["data.max_response_length"]
+    if limit is not None and prompt + response > limit[1]:
+        problems.append(f"data.max_prompt_length + data.max_response_length = {prompt} + {response} = "
+                        f"{prompt + response}: must be <= the model's {limit[0]}={limit[1]} "
+                        f"(from {v['model.path']}/config.json)")
+    return problems
+
+
+def _check_attention(v: _Values) -> list[str]:
+    if v.has("model.attn_implementation", "trainer.device") and v["trainer.device"] == "cpu" \
+            and v["model.attn_implementation"] == "flash_attention_2":
+        return ["model.attn_implementation=flash_attention_2: needs a CUDA GPU, but trainer.device=cpu "
+                "(use sdpa or eager)"]
+    return []
+
+
+def _check_data_files(v: _Values) -> list[str]:
+    from spinlm.data.formats import check_file
+
+    if not v.has("data.format", "algorithm.mode"):
+        return []
+    problems = []
+    # Only training needs the ground-truth response (spin: chosen = ground truth); validation scores the
+    # policy's own samples with the reward, so a val file without responses is fine.
+    for key, need_response in (("data.train_files", v["algorithm.mode"] == "spin"), ("data.val_files", False)):
+        if not v.has(key) or v[key] is None:
+            continue
+        value = v[key]
+        paths = [(key, value)] if isinstance(value, str) else [(f"{key}[{i}]", p) for i, p in enumerate(value)]
+        if not paths and key == "data.train_files":
+            problems.append(f"{key}=[]: must name at least one file")
+        for label, path in paths:
+            for msg in check_file(os.path.expanduser(path), fmt=v["data.format"], need_response=need_response):
+                problems.append(f"{label}: {msg}")
+    return problems
+
+
+def _writable_problem(key: str, path: str) -> str | None:
+    """The directory can be created and written by this user; nothing is created to find out."""
+    target = Path(path).expanduser().absolute()
+    probe = target
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    where = "it" if probe == target else f"its nearest existing parent {probe}"
+    if not probe.is_dir():
+        return f"{key}={path}: cannot be a directory: {where} is a file"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{key}={path}: not writable: this user cannot write to {where}"
+    return None
+
+
+def _check_output_dirs(v: _Values) -> list[str]:
+    problems = []
+    for key in ("trainer.output_dir", "sft.output_dir"):
+        if v.has(key) and v[key] is not None:
+            if not v[key].strip():
+                problems.append(f"{key}={_fmt(v[key])}: must not be empty")
+                continue
+            found = _writable_problem(key, v[key])
+            if found:
+                problems.append(found)
+    return problems
+
+
+def _check_reward(v: _Values) -> list[str]:
+    if not v.has("reward.custom_path", "reward.custom_name") or v["reward.custom_path"] is None:
+        return []
+    from spinlm.rewards import check_reward
+
+    return list(check_reward(v.section("reward")))
+
+
+def _visible_gpus() -> int:
+    import torch  # only here: counting GPUs is the one thing config checking needs torch for
+
+    return torch.cuda.device_count()
+
+
+def _check_gpus(v: _Values) -> list[str]:
+    if not v.has("trainer.device", "trainer.n_gpus_per_node", "trainer.nnodes"):
+        return []
+    device, gpus, nnodes = v["trainer.device"], v["trainer.n_gpus_per_node"], v["trainer.nnodes"]
+    if device == "cpu":
+        return [f"trainer.n_gpus_per_node={gpus}: trainer.device=cpu uses no GPU (set n_gpus_per_node=0, "
+                "or device=cuda)"] if gpus > 0 else []
+    if (device != "cuda" and gpus == 0) or nnodes > 1:
+        return []  # with several nodes the GPUs are on the cluster's nodes, not necessarily on this one
+    visible = _visible_gpus()
+    if visible == 0 and device == "cuda":
+        return ["trainer.device=cuda: no CUDA GPU is visible on this machine (torch.cuda.device_count()=0)"]
+    if gpus > visible:
+        return [f"trainer.n_gpus_per_node={gpus}: this machine has only {visible} visible GPU(s) "
+                "(torch.cuda.device_count(); see CUDA_VISIBLE_DEVICES)"]
+    return []
+
+
+RULES: tuple[Callable[[_Values], list[str]], ...] = (
+    _check_enums, _check_ranges, _check_beta, _check_mode, _check_batches, _check_model, _check_attention,
+    _check_data_files, _check_output_dirs, _check_reward, _check_gpus,
+)
+
+
+def check_config(cfg: DictConfig) -> list[str]:
+    """Every problem with ``cfg``, each a line naming the key, its value and the rule; [] when the run may start."""
+    problems, values = _read_tree(cfg)
+    v = _Values(values)
+    for rule in RULES:
+        problems += rule(v)
+    return problems
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError listing every problem, or return quietly."""
+    problems = check_config(cfg)
+    if problems:
+        raise ConfigError(problems)
+

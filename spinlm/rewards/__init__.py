@@ -1,0 +1,139 @@
+"""Reward functions with verl's signature ``compute_score(data_source, solution_str, ground_truth, extra_info)``.
+
+``get_reward_fn`` returns either a user's function loaded from a file (``reward.custom_path``) or the built-in
+dispatcher that picks a scorer by ``data_source``. ``score_samples`` is the only place rewards are computed:
+a failing or non-numeric score stops the run with the row it came from, never a silent 0.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import math
+import numbers
+import os
+import sys
+from typing import Any, Callable, Iterable, Mapping
+
+from spinlm.rewards import exact_match, gsm8k, math_boxed
+
+
+class RewardError(RuntimeError):
+    """A reward function could not be loaded, or failed / returned a non-number for a sample."""
+
+
+RewardFn = Callable[..., Any]
+
+GSM8K_SOURCES = ("openai/gsm8k", "gsm8k", "tiny_arith")
+MATH_SOURCES = ("lighteval/MATH", "DigitalLearningGmbH/MATH-lighteval", "math", "math_dapo")
+EXACT_SOURCES = ("exact_match",)
+KNOWN_DATA_SOURCES = GSM8K_SOURCES + MATH_SOURCES + EXACT_SOURCES
+GSM8K_METHODS = ("strict", "flexible")
+
+
+def _cfg_get(cfg: Mapping | Any, key: str, default: Any = None) -> Any:
+    """reward_cfg may be a dict or an OmegaConf node."""
+    return cfg.get(key, default) if cfg is not None else default
+
+
+def _builtin(data_source: str, solution_str: str, ground_truth: str | None, extra_info: dict | None = None,
+             *, gsm8k_method: str = "strict") -> float:
+    if data_source in GSM8K_SOURCES:
+        return gsm8k.compute_score(data_source, solution_str, ground_truth, extra_info, method=gsm8k_method)
+    if data_source in MATH_SOURCES:
+        return math_boxed.compute_score(data_source, solution_str, ground_truth, extra_info)
+    if data_source in EXACT_SOURCES:
+        return exact_match.compute_score(data_source, solution_str, ground_truth, extra_info)
+    raise RewardError(f"no built-in reward for data_source {data_source!r}; known: {', '.join(KNOWN_DATA_SOURCES)} "
+                      "(or set reward.custom_path to a file with your compute_score)")
+
+
+def _load_custom(path: str, name: str) -> RewardFn:
+    full = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isfile(full):
+        raise RewardError(f"reward.custom_path={path!r}: file not found")
+    module_name = "spinlm_custom_reward_" + hashlib.sha1(full.encode()).hexdigest()[:12]
+    spec = importlib.util.spec_from_file_location(module_name, full)
+    if spec is None or spec.loader is None:
+        raise RewardError(f"reward.custom_path={path!r}: cannot be imported as a Python module (expected a .py file)")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # so that pickling (e.g. to Ray workers) can find the function
+    try:
+        spec.loader.exec_module(module)
+    except (Exception, SystemExit) as exc:  # SyntaxError, ImportError, sys.exit() ... in user code: say which
+        sys.modules.pop(module_name, None)
+        raise RewardError(f"reward.custom_path={path!r}: importing it failed with "
+                          f"{type(exc).__name__}: {exc}") from exc
+    fn = getattr(module, name, None)
+    if fn is None:
+        raise RewardError(f"reward.custom_name={name!r}: {path} has no function of that name")
+    if not callable(fn):
+        raise RewardError(f"reward.custom_name={name!r}: {path} defines it, but as {type(fn).__name__}, "
+                          "not a function")
+    return fn
+
+
+def get_reward_fn(reward_cfg: Mapping | Any) -> RewardFn:
+    """The reward function a run uses, from the ``reward:`` config section."""
+    custom_path = _cfg_get(reward_cfg, "custom_path")
+    if custom_path:
+        return _load_custom(str(custom_path), str(_cfg_get(reward_cfg, "custom_name", "compute_score")))
+    method = _cfg_get(reward_cfg, "gsm8k_method", "strict")
+    if method not in GSM8K_METHODS:
+        raise RewardError(f"reward.gsm8k_method={method!r}: expected {' | '.join(GSM8K_METHODS)}")
+    fn = functools.partial(_builtin, gsm8k_method=method)
+    fn.__name__ = "builtin_reward"  # type: ignore[attr-defined]  # for error messages
+    return fn
+
+
+def check_reward(reward_cfg: Mapping | Any, data_sources: Iterable[str] | None = None) -> list[str]:
+    """Pre-flight problems with the reward setup. Imports the custom file, if any (that runs its top level).
+
+    With ``data_sources`` (those found in the data) and no custom function, also names any source that no
+    built-in reward handles.
+    """
+    try:
+        get_reward_fn(reward_cfg)
+    except RewardError as exc:
+        return [str(exc)]
+    if _cfg_get(reward_cfg, "custom_path") or data_sources is None:
+        return []
+    unknown = sorted(set(data_sources) - set(KNOWN_DATA_SOURCES))
+    if unknown:
+        return [f"data_source {', '.join(map(repr, unknown))}: no built-in reward; known: "
+                f"{', '.join(KNOWN_DATA_SOURCES)} (or set reward.custom_path)"]
+    return []
+
+
+def _as_score(value: Any) -> float | None:
+    """verl's custom functions may return a number or a dict with 'score'."""
+    if isinstance(value, Mapping) and "score" in value:
+        value = value["score"]
+    if isinstance(value, numbers.Real):
+        score = float(value)
+        return score if math.isfinite(score) else None
+    return None
+
+
+def score_samples(fn: RewardFn, items: list[tuple[str, str, str | None, dict, str]]) -> list[float]:
+    """Score (data_source, solution_str, ground_truth, extra_info, origin) items with ``fn``.
+
+    Called with keyword arguments, as verl calls a custom compute_score.
+    """
+    name = getattr(fn, "__name__", type(fn).__name__)
+    scores = []
+    for data_source, solution_str, ground_truth, extra_info, origin in items:
+        try:
+            value = fn(data_source=data_source, solution_str=solution_str, ground_truth=ground_truth,
+                       extra_info=extra_info)
+        except Exception as exc:  # any failure of the (possibly user-written) scorer stops the run, named
+            raise RewardError(f"{origin}: reward function {name} raised {type(exc).__name__}: {exc}") from exc
+        score = _as_score(value)
+        if score is None:
+            raise RewardError(f"{origin}: reward function {name} returned {value!r} ({type(value).__name__}); "
+                              "expected a finite number (or a dict with a finite 'score')")
+        scores.append(score)
+    return scores
+
+
+__all__ = ["RewardError", "KNOWN_DATA_SOURCES", "get_reward_fn", "check_reward", "score_samples"]

@@ -1,0 +1,251 @@
+"""Supervised fine-tuning with a response-only loss: the warm start SPIN begins from (`spinlm sft`).
+
+A training sequence is ``prompt_ids + response_ids`` (the prompt rendered with the chat template and the
+generation prompt, the response with EOS), exactly as generation and preference training see it. Only the
+response tokens, EOS included, are targets; prompt and padding positions get label -100.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from spinlm.config import ConfigError
+from spinlm.data.example import DataError
+
+if TYPE_CHECKING:
+    from spinlm.data.dataset import TokenizedExample
+
+IGNORE_INDEX = -100
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def sft_batch(items: list[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 on prompt and padding).
+
+    Labels are unshifted (the model shifts them), so label[t] = input_ids[t] on response positions.
+    """
+    seqs = [list(it.prompt_ids) + list(it.response_ids) for it in items]
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(items), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(items), width), dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+    for row, (it, seq) in enumerate(zip(items, seqs)):
+        n_prompt = len(it.prompt_ids)
+        input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[row, : len(seq)] = 1
+        labels[row, n_prompt: len(seq)] = torch.tensor(it.response_ids, dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[list[int]]:
+    """Endless batches of indices: a fresh permutation per pass over the data, carried across pass boundaries."""
+    buffer: list[int] = []
+    while True:
+        while len(buffer) < batch_size:
+            buffer.extend(torch.randperm(n, generator=generator).tolist())
+        yield buffer[:batch_size]
+        buffer = buffer[batch_size:]
+
+
+def _check_items(items: list[TokenizedExample]) -> None:
+    if not items:
+        raise DataError("sft: no training examples (after loading, max_examples and truncation)")
+    for it in items:
+        if not it.response_ids:
+            raise DataError(f"{it.example.origin}: SFT needs a ground-truth response, but this row has none "
+                            f"(give a messages, plain-with-response or verl-with-extra_info.answer row)")
+
+
+def train_sft(model, tokenizer, items: list[TokenizedExample], *, steps: int, batch_size: int, lr: float,
+              warmup_ratio: float, seed: int, grad_clip: float = 1.0, weight_decay: float = 0.0,
+              log_every: int = 50) -> list[float]:
+    """Train ``model`` in place for ``steps`` AdamW steps (linear warmup, then cosine decay). Returns per-step losses.
+
+    Deterministic given ``seed``: it seeds torch's global RNG (dropout, if any) and a private generator for the
+    batch order. The loss of a step is the mean cross-entropy over the response tokens of its batch.
+    """
+    for name, value, ok in (("steps", steps, steps >= 1), ("batch_size", batch_size, batch_size >= 1),
+                            ("lr", lr, lr > 0), ("warmup_ratio", warmup_ratio, 0 <= warmup_ratio < 1),
+                            ("grad_clip", grad_clip, grad_clip >= 0), ("log_every", log_every, log_every >= 0)):
+        if not ok:
+            raise ValueError(f"train_sft: {name}={value!r} is out of range")
+    _check_items(items)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise ValueError("train_sft: the tokenizer has neither pad_token nor eos_token; cannot pad batches")
+
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(round(warmup_ratio * steps)), steps)
+
+    model.train()
+    losses: list[float] = []
+    batches = _batches(len(items), batch_size, generator)
+    bar = tqdm(range(steps), desc="sft", unit="step", mininterval=1.0)
+    for step in bar:
+        batch = {k: v.to(device) for k, v in sft_batch([items[i] for i in next(batches)], pad_id).items()}
+        loss = model(**batch).loss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"sft step {step + 1}: loss is {loss.item()} (try a lower sft.lr)")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+        if log_every and ((step + 1) % log_every == 0 or step + 1 == steps):
+            recent = losses[-log_every:]
+            bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+    bar.close()
+    model.eval()
+    return losses
+
+
+# ----------------------------------------------------------------------------------------------- `spinlm sft`
+
+def _required(cfg: DictConfig, key: str) -> Any:
+    try:
+        value = OmegaConf.select(cfg, key, throw_on_missing=True)
+    except MissingMandatoryValue:
+        raise ConfigError([f"{key}: required for spinlm sft, but not set (pass {key}=...)"]) from None
+    if value is None:
+        raise ConfigError([f"{key}: required for spinlm sft, but it is null"])
+    return value
+
+
+def _check_sft_config(cfg: DictConfig) -> None:
+    s = cfg.sft
+    problems = []
+
+    def positive_int(key: str, value: Any, allow_none: bool = False) -> None:
+        if value is None and allow_none:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            problems.append(f"{key}={value!r}: expected a positive integer{' or null' if allow_none else ''}")
+
+    positive_int("sft.steps", s.steps)
+    positive_int("sft.batch_size", s.batch_size)
+    positive_int("sft.max_examples", s.max_examples, allow_none=True)
+    positive_int("data.val_max_samples", cfg.data.val_max_samples, allow_none=True)
+    if isinstance(s.lr, bool) or not isinstance(s.lr, (int, float)) or not s.lr > 0:
+        problems.append(f"sft.lr={s.lr!r}: expected a number > 0")
+    if isinstance(s.warmup_ratio, bool) or not isinstance(s.warmup_ratio, (int, float)) \
+            or not 0 <= s.warmup_ratio < 1:
+        problems.append(f"sft.warmup_ratio={s.warmup_ratio!r}: expected a number in [0, 1)")
+    if cfg.model.dtype not in _DTYPES:
+        problems.append(f"model.dtype={cfg.model.dtype!r}: expected one of {' | '.join(_DTYPES)}")
+    if cfg.trainer.device not in ("auto", "cpu", "cuda"):
+        problems.append(f"trainer.device={cfg.trainer.device!r}: expected auto | cpu | cuda")
+    if cfg.trainer.device == "cuda" and not torch.cuda.is_available():
+        problems.append("trainer.device=cuda: no CUDA device is available (use auto or cpu)")
+    if problems:
+        raise ConfigError(problems)
+
+
+def _paths(value: Any) -> list[str]:
+    return [str(value)] if isinstance(value, (str, Path)) else [str(v) for v in value]
+
+
+def _load_model_and_tokenizer(cfg: DictConfig, device: torch.device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_path = str(_required(cfg, "model.path"))
+    tok_path = str(cfg.model.tokenizer_path or model_path)
+    for key, path in (("model.path", model_path), ("model.tokenizer_path", tok_path)):
+        # A hub id is "name" or "org/name"; anything else is meant as a local folder, so say so plainly.
+        looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1
+        if looks_local and not Path(path).expanduser().is_dir():
+            raise ConfigError([f"{key}={path!r}: no such directory (for the bundled task run "
+                               f"`spinlm task build` first)"])
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=cfg.model.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=_DTYPES[cfg.model.dtype], attn_implementation=cfg.model.attn_implementation,
+            trust_remote_code=cfg.model.trust_remote_code)
+    except OSError as exc:
+        raise ConfigError([f"model.path={model_path!r}: cannot load the model or tokenizer ({exc})"]) from exc
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model.to(device), tokenizer
+
+
+def _load_items(cfg: DictConfig, files_key: str, tokenizer, limit: int | None) -> list[TokenizedExample]:
+    from spinlm.data.dataset import tokenize_examples
+    from spinlm.data.formats import load_examples
+
+    examples, _ = load_examples(_paths(_required(cfg, files_key)), cfg.data.format,
+                                skip_bad_rows=cfg.data.skip_bad_rows,
+                                default_data_source=cfg.data.default_data_source)
+    if limit is not None:
+        examples = examples[:limit]
+    items, _ = tokenize_examples(examples, tokenizer, max_prompt_length=cfg.data.max_prompt_length,
+                                 max_response_length=cfg.data.max_response_length,
+                                 truncation=cfg.data.truncation)
+    return items
+
+
+def run_sft_from_config(cfg: DictConfig) -> dict[str, Any]:
+    """`spinlm sft`: load model and data, train, save model + tokenizer to sft.output_dir.
+
+    Returns a summary: steps, final_loss (mean of the last 10 steps), seconds, output_dir, and, when
+    data.val_files is set, val/acc before and after (greedy exact match with the configured reward).
+    """
+    _check_sft_config(cfg)
+    if cfg.trainer.threads:
+        torch.set_num_threads(int(cfg.trainer.threads))
+    want = cfg.trainer.device
+    device = torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")
+    out_dir = Path(cfg.sft.output_dir or Path(cfg.trainer.output_dir) / "sft")
+
+    model, tokenizer = _load_model_and_tokenizer(cfg, device)
+    train_items = _load_items(cfg, "data.train_files", tokenizer, cfg.sft.max_examples)
+    _check_items(train_items)
+    print(f"sft: {len(train_items)} training examples, {cfg.sft.steps} steps of {cfg.sft.batch_size}, "
+          f"device {device}")
+
+    val_items, reward_fn = None, None
+    summary: dict[str, Any] = {}
+    if cfg.data.val_files:
+        from spinlm.evaluate import evaluate_accuracy
+        from spinlm.rewards import get_reward_fn
+
+        val_items = _load_items(cfg, "data.val_files", tokenizer, cfg.data.val_max_samples)
+        reward_fn = get_reward_fn(cfg.reward)
+
+        def accuracy() -> float:
+            metrics = evaluate_accuracy(model, tokenizer, val_items, reward_fn,
+                                        max_new_tokens=cfg.data.max_response_length,
+                                        batch_size=cfg.rollout.batch_size)
+            return metrics["val/acc"]
+
+        summary["val/acc_before"] = accuracy()
+        print(f"sft: val/acc before {summary['val/acc_before']:.4f} ({len(val_items)} prompts, greedy)")
+
+    start = time.perf_counter()
+    losses = train_sft(model, tokenizer, train_items, steps=cfg.sft.steps, batch_size=cfg.sft.batch_size,
+                       lr=float(cfg.sft.lr), warmup_ratio=float(cfg.sft.warmup_ratio), seed=cfg.trainer.seed,
+                       log_every=max(1, cfg.sft.steps // 10))
+    summary.update(steps=len(losses), final_loss=sum(losses[-10:]) / len(losses[-10:]),
+                   seconds=time.perf_counter() - start, output_dir=str(out_dir))
+    print(f"sft: {len(losses)} steps in {summary['seconds']:.1f}s, final loss {summary['final_loss']:.4f}")
+
+    if val_items is not None:
+        summary["val/acc_after"] = accuracy()
+        print(f"sft: val/acc after {summary['val/acc_after']:.4f}")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    print(f"sft: saved model and tokenizer to {out_dir}")
+    return summary

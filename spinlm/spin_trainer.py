@@ -1,0 +1,328 @@
+"""The shooting schedule: SPIN rounds, read top to bottom. Holds no weights; the worker does the heavy lifting.
+
+    round t:  opponent := policy                       (the checkpoint the round starts from)
+              generate : the opponent answers the round's prompts
+              judge    : spin       -> chosen = ground truth, rejected = own sample
+                         online_dpo -> n samples scored by the reward; best vs worst, ties dropped
+              learn    : preference loss of the policy against the opponent
+              review   : held-out accuracy, checkpoint, metrics
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import random
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm.auto import tqdm
+
+from spinlm.checkpoint import save_checkpoint
+from spinlm.core_algos import apply_missing_eos_penalty, pair_by_reward
+from spinlm.rewards import score_samples
+from spinlm.rollout.hf_rollout import SamplingParams
+from spinlm.workers.dp_actor import LossSettings, Pairs
+
+
+@dataclass
+class RoundPairs:
+    """A round's judged pairs plus what is needed to write them out."""
+
+    pairs: Pairs
+    origins: list[str]
+    chosen_scores: list[float | None]
+    rejected_scores: list[float | None]
+
+
+@dataclass
+class TrainerState:
+    """Counters that a checkpoint carries (with the model and, in online_dpo, the optimizer)."""
+
+    next_round: int = 0
+    global_step: int = 0
+    table: list[dict] = field(default_factory=list)
+
+
+class SpinTrainer:
+    def __init__(self, cfg, worker, train_items, val_items, reward_fn, run_dir: Path, tracker, state: TrainerState):
+        self.cfg = cfg
+        self.worker = worker
+        self.train_items = train_items
+        self.val_items = val_items
+        self.reward_fn = reward_fn
+        self.run_dir = Path(run_dir)
+        self.tracker = tracker
+        self.state = state
+        self.mode = cfg.algorithm.mode
+        self.timings: dict[str, float] = {}
+
+    # ---- the loop ---------------------------------------------------------------------------------------------------
+    def fit(self) -> list[dict]:
+        cfg = self.cfg
+        if self.state.next_round == 0 and cfg.trainer.eval_before_training and self.val_items:
+            start = self.evaluate()
+            self.tracker.log(start, round=0, step=0, kind="val")
+            self.state.table.append({"round": "start", **_row(start, {})})
+        for t in range(self.state.next_round, cfg.trainer.rounds):
+            self.timings = {}
+            round_start = time.perf_counter()
+            train_metrics = self.spin_round(t) if self.mode == "spin" else self.online_dpo_round(t)
+            val = self.evaluate() if self.val_items else {}
+            self.state.next_round = t + 1
+            with self.timer("save"):
+                self.save(t)
+            summary = {**val, **{f"time/{k}": v for k, v in self.timings.items()},
+                       "time/round": time.perf_counter() - round_start,
+                       "perf/peak_memory_gb": self.worker.peak_memory_bytes() / 2**30}
+            self.tracker.log(summary, round=t + 1, step=self.state.global_step, kind="val")
+            self.state.table.append({"round": t + 1, **_row(val, train_metrics), "time_s": summary["time/round"]})
+            self.save_table_only(t)
+        print_table(self.state.table)
+        return self.state.table
+
+    # ---- mode spin: chosen = ground truth, rejected = the opponent's own answer ----------------------------------------
+    def spin_round(self, t: int) -> dict:
+        cfg = self.cfg
+        items = self.round_items(t)
+        given = [it for it in items if it.rejected_ids is not None]
+        if t == 0 and len(given) == len(items):  # the data carries rejected responses: round 0 is offline DPO
+            judged = RoundPairs(Pairs([it.prompt_ids for it in items], [it.response_ids for it in items],
+                                      [it.rejected_ids for it in items]),
+                                [it.example.origin for it in items], [None] * len(items), [None] * len(items))
+            rollout_metrics = {"rollout/given_pairs": float(len(items))}
+        else:
+            with self.timer("generate"):
+                rollout = self.worker.generate([it.prompt_ids for it in items], self.sampling(n=1),
+                                               seed=self.seed_for(t, 0), desc=f"round {t + 1} generate")
+            with self.timer("judge"):
+                judged, rollout_metrics = self.judge_against_ground_truth(items, rollout)
+        self.write_pairs(t, judged)
+        self.tracker.log(rollout_metrics, round=t + 1, step=self.state.global_step, kind="rollout")
+
+        pairs = self.with_history(t, judged.pairs)
+        with self.timer("ref_logps"):  # the opponent IS the policy now: its log-probs become numbers, one model stays
+            ref_chosen = self.worker.sequence_logps(pairs.prompts, pairs.chosen)
+            ref_rejected = self.worker.sequence_logps(pairs.prompts, pairs.rejected)
+        batch = cfg.trainer.train_batch_size
+        steps_per_epoch = math.ceil(len(pairs) / batch)
+        self.worker.start_schedule(steps_per_epoch * cfg.trainer.epochs_per_round)
+        last: dict = {}
+        with self.timer("update"):
+            bar = tqdm(total=steps_per_epoch * cfg.trainer.epochs_per_round, desc=f"round {t + 1} train", leave=False)
+            for epoch in range(cfg.trainer.epochs_per_round):
+                order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(self.seed_for(t, 1 + epoch)))
+                for s in range(0, len(pairs), batch):
+                    idx = order[s : s + batch].tolist()
+                    last = self.train_step(t, pairs.select(idx), ref_chosen[idx], ref_rejected[idx])
+                    bar.update(1)
+            bar.close()
+        return {**rollout_metrics, **last}
+
+    def judge_against_ground_truth(self, items, rollout) -> tuple[RoundPairs, dict]:
+        samples = [r[0] for r in rollout.responses]
+        ended = [e[0] for e in rollout.ended]
+        keep = [i for i, it in enumerate(items)
+                if not (self.cfg.algorithm.drop_identical_pairs and samples[i] == it.response_ids)]
+        scores = self.score(items, samples)
+        judged = RoundPairs(
+            Pairs([items[i].prompt_ids for i in keep], [items[i].response_ids for i in keep], [samples[i] for i in keep]),
+            [items[i].example.origin for i in keep],
+            [None] * len(keep), [scores[i] if scores else None for i in keep])
+        metrics = {**_rollout_stats(samples, ended, scores), "rollout/identical_dropped": float(len(items) - len(keep)),
+                   "rollout/pairs": float(len(keep))}
+        if not keep:
+            raise RuntimeError(f"round: every one of {len(items)} samples equals its ground truth; nothing to learn from "
+                               "(set algorithm.drop_identical_pairs=false to train on them anyway)")
+        return judged, metrics
+
+    # ---- mode online_dpo: n samples per prompt, best vs worst by reward -----------------------------------------------
+    def online_dpo_round(self, t: int) -> dict:
+        cfg = self.cfg
+        steps = cfg.algorithm.ref_update_every
+        if self.worker.optimizer is None:  # one schedule over the whole run; restored from the checkpoint on resume
+            self.worker.start_schedule(cfg.trainer.rounds * steps)
+        all_pairs: list[RoundPairs] = []
+        last: dict = {}
+        for _ in tqdm(range(steps), desc=f"round {t + 1} steps", leave=False):
+            items = self.step_items(self.state.global_step)
+            with self.timer("generate"):
+                rollout = self.worker.generate([it.prompt_ids for it in items], self.sampling(n=cfg.rollout.n),
+                                               seed=self.seed_for(t, self.state.global_step), desc="generate")
+            with self.timer("judge"):
+                judged, rollout_metrics = self.judge_by_reward(items, rollout)
+            all_pairs.append(judged)
+            if len(judged.pairs) == 0:  # every prompt tied: no signal this step; the step still counts
+                self.tracker.log(rollout_metrics, round=t + 1, step=self.state.global_step, kind="rollout")
+                self.state.global_step += 1
+                self.worker.scheduler.step()
+                continue
+            pairs = judged.pairs
+            with self.timer("ref_logps"):
+                ref_chosen = self.worker.sequence_logps(pairs.prompts, pairs.chosen, opponent=True)
+                ref_rejected = self.worker.sequence_logps(pairs.prompts, pairs.rejected, opponent=True)
+            with self.timer("update"):
+                last = {**rollout_metrics, **self.train_step(t, pairs, ref_chosen, ref_rejected, extra=rollout_metrics)}
+        self.worker.refresh_opponent()  # the improved policy becomes the next opponent
+        self.write_pairs(t, RoundPairs(
+            Pairs(*[sum((getattr(j.pairs, f) for j in all_pairs), []) for f in ("prompts", "chosen", "rejected")]),
+            sum((j.origins for j in all_pairs), []), sum((j.chosen_scores for j in all_pairs), []),
+            sum((j.rejected_scores for j in all_pairs), [])))
+        return last
+
+    def judge_by_reward(self, items, rollout) -> tuple[RoundPairs, dict]:
+        n = self.cfg.rollout.n
+        samples, ended = rollout.flat()
+        flat_items = [it for it in items for _ in range(n)]
+        raw = self.score(flat_items, samples, required=True)
+        scores = apply_missing_eos_penalty(raw, ended, self.cfg.algorithm.missing_eos_penalty)
+        prompt_of = [i for i in range(len(items)) for _ in range(n)]  # pairing groups by prompt, never by position
+        chosen = pair_by_reward(prompt_of, scores)
+        judged = RoundPairs(
+            Pairs([items[p].prompt_ids for p in chosen.prompt_ids], [samples[i] for i in chosen.chosen],
+                  [samples[i] for i in chosen.rejected]),
+            [items[p].example.origin for p in chosen.prompt_ids],
+            [scores[i] for i in chosen.chosen], [scores[i] for i in chosen.rejected])
+        metrics = {**_rollout_stats(samples, ended, raw), "rollout/ties_dropped": float(chosen.ties_dropped),
+                   "rollout/pairs": float(len(chosen.chosen))}
+        return judged, metrics
+
+    # ---- shared pieces --------------------------------------------------------------------------------------------------
+    def train_step(self, t: int, pairs: Pairs, ref_chosen, ref_rejected, extra: dict | None = None) -> dict:
+        metrics = self.worker.update(pairs, ref_chosen, ref_rejected, self.loss_settings(t))
+        self.state.global_step += 1
+        metrics["train/pairs"] = float(len(pairs))
+        self.tracker.log(metrics, round=t + 1, step=self.state.global_step)
+        return metrics
+
+    def loss_settings(self, t: int) -> LossSettings:
+        a = self.cfg.algorithm
+        beta = a.beta if isinstance(a.beta, (int, float)) else a.beta[t]  # a number, or one value per round
+        return LossSettings(beta=float(beta), loss_type=a.loss_type, label_smoothing=a.label_smoothing,
+                            dpop_lambda=a.dpop_lambda, sft_weight=a.sft_weight, length_normalize=a.length_normalize)
+
+    def sampling(self, n: int) -> SamplingParams:
+        r = self.cfg.rollout
+        return SamplingParams(n=n, max_new_tokens=self.cfg.data.max_response_length, temperature=r.temperature,
+                              top_p=r.top_p, top_k=r.top_k)
+
+    def seed_for(self, t: int, k: int) -> int:
+        """A seed per (round, purpose): a resumed run draws exactly what an uninterrupted one would."""
+        return (self.cfg.trainer.seed + self.cfg.rollout.seed_offset) * 1_000_003 + t * 10_007 + k
+
+    def round_items(self, t: int):
+        """The round's prompts: a seeded permutation of the training set, `data.prompts_per_round` of them."""
+        k = self.cfg.data.prompts_per_round or len(self.train_items)
+        order = list(range(len(self.train_items)))
+        random.Random(self.seed_for(t, -1)).shuffle(order)
+        return [self.train_items[i] for i in order[:k]]
+
+    def step_items(self, step: int):
+        """online_dpo: the step's prompts, walking seeded epoch permutations of the training set."""
+        b = self.cfg.trainer.train_batch_size
+        n = len(self.train_items)
+        out = []
+        for pos in range(step * b, step * b + b):
+            epoch, i = divmod(pos, n)
+            out.append(self.train_items[self.epoch_order(epoch)[i]])
+        return out
+
+    @functools.lru_cache(maxsize=2)
+    def epoch_order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.train_items)))
+        random.Random(self.cfg.trainer.seed * 7919 + epoch).shuffle(order)
+        return order
+
+    def with_history(self, t: int, pairs: Pairs) -> Pairs:
+        """The paper trains iteration t on its own pairs and those of the previous iteration(s)."""
+        out = Pairs(list(pairs.prompts), list(pairs.chosen), list(pairs.rejected))
+        for past in range(max(0, t - self.cfg.algorithm.history_rounds), t):
+            old = read_pairs(self.run_dir, past)
+            out.prompts += old.prompts
+            out.chosen += old.chosen
+            out.rejected += old.rejected
+        return out
+
+    def score(self, items, samples: list[list[int]], required: bool = False) -> list[float] | None:
+        """Reward of each sample; in spin (required=False) only when every item has a ground truth."""
+        if not required and any(it.example.ground_truth is None for it in items):
+            return None
+        tok = self.worker.tokenizer
+        texts = tok.batch_decode(samples, skip_special_tokens=True)
+        return score_samples(self.reward_fn, [(it.example.data_source, txt, it.example.ground_truth,
+                                               it.example.extra_info, it.example.origin) for it, txt in zip(items, texts)])
+
+    def evaluate(self) -> dict:
+        with self.timer("eval"):
+            return self.worker.evaluate(self.val_items, self.reward_fn)
+
+    @contextmanager
+    def timer(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+    # ---- run directory ----------------------------------------------------------------------------------------------
+    def write_pairs(self, t: int, judged: RoundPairs) -> None:
+        out = self.run_dir / "rounds" / str(t + 1)
+        out.mkdir(parents=True, exist_ok=True)
+        tok = self.worker.tokenizer
+        p = judged.pairs
+        table = pa.table({
+            "origin": judged.origins,
+            "prompt": tok.batch_decode(p.prompts, skip_special_tokens=False),
+            "chosen": tok.batch_decode(p.chosen, skip_special_tokens=True),
+            "rejected": tok.batch_decode(p.rejected, skip_special_tokens=True),
+            "chosen_score": pa.array(judged.chosen_scores, type=pa.float64()),
+            "rejected_score": pa.array(judged.rejected_scores, type=pa.float64()),
+            "prompt_ids": p.prompts, "chosen_ids": p.chosen, "rejected_ids": p.rejected,
+        })
+        tmp = out / ".pairs.parquet.tmp"
+        pq.write_table(table, tmp)
+        tmp.replace(out / "pairs.parquet")
+
+    def save(self, t: int) -> None:
+        state = {"next_round": self.state.next_round, "global_step": self.state.global_step,
+                 "table": self.state.table, **self.worker.training_state()}
+        save_checkpoint(self.run_dir, str(t + 1), self.worker.save_pretrained, state,
+                        keep_last=self.cfg.trainer.keep_last_checkpoints)
+
+    def save_table_only(self, t: int) -> None:
+        """The round table also lives in a small JSON in the run directory, for people and tools."""
+        (self.run_dir / "rounds.json").write_text(json.dumps(self.state.table, indent=1))
+
+
+def read_pairs(run_dir: Path, t: int) -> Pairs:
+    table = pq.read_table(Path(run_dir) / "rounds" / str(t + 1) / "pairs.parquet",
+                          columns=["prompt_ids", "chosen_ids", "rejected_ids"]).to_pydict()
+    return Pairs(table["prompt_ids"], table["chosen_ids"], table["rejected_ids"])
+
+
+def _rollout_stats(samples, ended, scores) -> dict:
+    m = {"rollout/response_length": sum(map(len, samples)) / max(len(samples), 1),
+         "rollout/eos_rate": sum(ended) / max(len(ended), 1)}
+    if scores:
+        m["rollout/reward_mean"] = sum(scores) / len(scores)
+    return m
+
+
+def _row(val: dict, train: dict) -> dict:
+    return {"val_acc": val.get("val/acc"), "margins": train.get("rewards/margins"),
+            "accuracies": train.get("rewards/accuracies"), "logps_chosen": train.get("logps/chosen"),
+            "sample_reward": train.get("rollout/reward_mean")}
+
+
+def print_table(table: list[dict]) -> None:
+    cols = ["round", "val_acc", "margins", "accuracies", "logps_chosen", "sample_reward", "time_s"]
+    fmt = lambda v: "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
+    rows = [[fmt(r.get(c)) for c in cols] for r in table]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    print(line(cols))
+    for r in rows:
+        print(line(r))

@@ -1,0 +1,120 @@
+"""Build the bundled tiny task into a folder: data, tokenizer, a random model and its SFT warm start.
+
+Layout of ``out_dir``::
+
+    train.parquet  val.parquet  sft.parquet      verl RL rows plus a chat ``messages`` column
+    tokenizer/                                   byte-level BPE with single-digit tokens and a chat template
+    init_model/                                  the random initialisation (model + tokenizer)
+    sft_model/                                   init_model after SFT on sft.parquet: where SPIN starts
+    build_info.json                              written last: its presence marks a complete build
+
+The build happens in a temporary folder beside ``out_dir`` that is renamed into place at the end, so an
+interrupted build is never mistaken for a complete one.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from spinlm.tasks.arith import generate_problems, to_rows
+
+INFO_FILE = "build_info.json"
+
+
+def _write_parquet(rows: list[dict[str, Any]], path: Path) -> None:
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def _build_into(tmp: Path, *, seed: int, n_train: int, n_val: int, n_sft: int, sft_steps: int,
+                sft_batch_size: int, sft_lr: float, min_steps: int, max_steps: int, max_number: int,
+                vocab_size: int, model_kwargs: dict[str, Any]) -> dict[str, Any]:
+    # Imported here so that a cached build returns without importing torch and transformers.
+    from spinlm.config import load_config
+    from spinlm.sft import run_sft_from_config
+    from spinlm.tasks.tiny_model import build_model, train_tokenizer
+
+    # One call gives distinct questions, so splitting its list gives disjoint train and val sets.
+    problems = generate_problems(n_train + n_val, seed, min_steps=min_steps, max_steps=max_steps,
+                                 max_number=max_number)
+    train_rows = to_rows(problems[:n_train], "train")
+    val_rows = to_rows(problems[n_train:], "val")
+    _write_parquet(train_rows, tmp / "train.parquet")
+    _write_parquet(val_rows, tmp / "val.parquet")
+    _write_parquet(train_rows[:n_sft], tmp / "sft.parquet")
+    print(f"tiny task: wrote {n_train} train, {n_val} val, {n_sft} sft rows")
+
+    # The SFT rows are a subset of train, so the train text is the whole corpus.
+    tokenizer = train_tokenizer([f"{p['question']}\n{p['solution']}" for p in problems[:n_train]],
+                                vocab_size=vocab_size)
+    tokenizer.save_pretrained(tmp / "tokenizer")
+    model = build_model(tokenizer, seed=seed, **model_kwargs)
+    model.save_pretrained(tmp / "init_model")
+    tokenizer.save_pretrained(tmp / "init_model")
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"tiny task: tokenizer of {len(tokenizer)} tokens, Llama of {n_params / 1e6:.2f}M parameters")
+
+    # The same code path as `spinlm sft`, on CPU so that the cached artefacts do not depend on the machine.
+    cfg = load_config({
+        "model": {"path": str(tmp / "init_model"), "tokenizer_path": None, "dtype": "float32"},
+        "data": {"train_files": str(tmp / "sft.parquet"), "val_files": str(tmp / "val.parquet"),
+                 "format": "auto", "val_max_samples": None, "truncation": "error"},
+        "sft": {"steps": sft_steps, "batch_size": sft_batch_size, "lr": sft_lr, "max_examples": None,
+                "output_dir": str(tmp / "sft_model")},
+        "trainer": {"seed": seed, "device": "cpu"},
+    })
+    summary = run_sft_from_config(cfg)
+    return {
+        "vocab_size": len(tokenizer), "n_params": n_params,
+        "sft": {"steps": sft_steps, "batch_size": sft_batch_size, "lr": sft_lr,
+                "final_loss": summary["final_loss"], "seconds": summary["seconds"],
+                "val_acc_before": summary["val/acc_before"], "val_acc_after": summary["val/acc_after"]},
+    }
+
+
+def build_tiny_task(out_dir: str | Path, *, seed: int = 0, force: bool = False, n_train: int = 2000,
+                    n_val: int = 200, n_sft: int = 500, sft_steps: int = 300, sft_batch_size: int = 16,
+                    sft_lr: float = 1e-3, min_steps: int = 1, max_steps: int = 3, max_number: int = 50,
+                    vocab_size: int = 512, model_kwargs: dict[str, Any] | None = None) -> Path:
+    """Build (or reuse) the tiny task in ``out_dir``; returns its path. Deterministic given the arguments."""
+    out = Path(out_dir).expanduser().resolve()
+    if (out / INFO_FILE).is_file() and not force:
+        print(f"tiny task: complete build found at {out} (use --force to rebuild)")
+        return out
+    if out.exists() and not (out / INFO_FILE).is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out}: exists and is not a tiny-task build (no {INFO_FILE}); "
+                              "refusing to overwrite it, choose another --output")
+    if not 1 <= n_sft <= n_train or n_val < 1:
+        raise ValueError(f"n_train={n_train}, n_val={n_val}, n_sft={n_sft}: expected 1 <= n_sft <= n_train "
+                         "and n_val >= 1")
+
+    settings = dict(seed=seed, n_train=n_train, n_val=n_val, n_sft=n_sft, sft_steps=sft_steps,
+                    sft_batch_size=sft_batch_size, sft_lr=sft_lr, min_steps=min_steps, max_steps=max_steps,
+                    max_number=max_number, vocab_size=vocab_size, model_kwargs=dict(model_kwargs or {}))
+    print(f"tiny task: building into {out} (seed {seed})")
+    start = time.perf_counter()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    try:
+        info = _build_into(tmp, **settings)
+        info = {**settings, **info, "seconds": round(time.perf_counter() - start, 2)}
+        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        old = None
+        if out.exists():  # a previous complete build (force) or an empty folder: swap, then delete
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            out.rename(old / "build")
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # cleanup only; the error itself propagates
+        raise
+    if old is not None:
+        shutil.rmtree(old)
+    print(f"tiny task: done in {info['seconds']:.1f}s; SFT warm start val/acc "
+          f"{info['sft']['val_acc_after']:.3f} ({n_val} prompts) -> {out}")
+    return out

@@ -1,0 +1,164 @@
+"""Response log-probs without ever building a [batch, seq, vocab] logits tensor.
+
+Two ideas, both measured in benchmarks/:
+- Packing: the sequences of a micro-batch are concatenated into one row; position_ids restart per sequence and a
+  block-causal mask keeps attention inside each sequence, so padding costs nothing. (With flash_attention_2 the
+  mask is omitted: transformers detects packed sequences from position_ids.)
+- Chunked lm-head: only the hidden states that predict a response token go through the output embedding, a
+  chunk of tokens at a time (logsumexp + gather of the target); backward recomputes each chunk's logits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from spinlm.core_algos import segment_sum
+
+
+class _ChunkedTokenLogps(torch.autograd.Function):
+    """log softmax(hidden @ weight.T)[target] per row, computed `chunk` rows at a time in fp32."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk: int):
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        for s in range(0, hidden.shape[0], chunk):
+            logits = (hidden[s : s + chunk] @ weight.T).float()
+            out[s : s + chunk] = logits.gather(1, targets[s : s + chunk, None]).squeeze(1) - logits.logsumexp(1)
+        ctx.save_for_backward(hidden, weight, targets)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, targets = ctx.saved_tensors
+        chunk = ctx.chunk
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        for s in range(0, hidden.shape[0], chunk):
+            h = hidden[s : s + chunk]
+            logits = (h @ weight.T).float()
+            # d logp[target] / d logits = onehot(target) - softmax(logits), scaled by the incoming gradient
+            g = -torch.softmax(logits, dim=1)
+            g.scatter_add_(1, targets[s : s + chunk, None], torch.ones_like(g[:, :1]))
+            g.mul_(grad_out[s : s + chunk, None])
+            g = g.to(hidden.dtype)
+            if grad_hidden is not None:
+                grad_hidden[s : s + chunk] = g @ weight
+            if grad_weight is not None:
+                grad_weight += (g.T @ h).float()
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None
+
+
+def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    return _ChunkedTokenLogps.apply(hidden, weight, targets, chunk)
+
+
+@dataclass
+class PackedBatch:
+    """Sequences packed into rows of at most `row_length` tokens, with where their response tokens are."""
+
+    input_ids: torch.Tensor        # [R, L]
+    position_ids: torch.Tensor     # [R, L], restarting at 0 for each sequence
+    attention_mask: torch.Tensor | None  # [R, 1, L, L] bool block-causal, or None (flash attention uses position_ids)
+    predict_positions: torch.Tensor  # [N] flat positions (row * L + col) whose hidden state predicts a response token
+    targets: torch.Tensor          # [N] the response tokens predicted there
+    segment: torch.Tensor          # [N] which sequence each target belongs to
+    num_sequences: int
+    num_tokens: int                # real tokens (no padding)
+
+    def response_lengths(self) -> torch.Tensor:
+        return torch.bincount(self.segment, minlength=self.num_sequences)
+
+
+def _first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: few rows, each holding whole sequences, none longer than capacity."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+    return rows
+
+
+def pack_sequences(prompts: list[list[int]], responses: list[list[int]], device, *, block_mask: bool = True,
+                   row_length: int | None = None) -> PackedBatch:
+    """Pack (prompt, response) token lists into rows no longer than row_length (default: the longest sequence).
+
+    Attention costs rows x L^2, so rows as long as the longest sequence cost what a length-sorted padded batch
+    costs in attention, while the MLP and lm-head see no padding at all. The log-prob of response token j comes
+    from the hidden state at j-1.
+    """
+    for k, (p, r) in enumerate(zip(prompts, responses)):
+        if not p or not r:
+            raise ValueError(f"pack_sequences: sequence {k} has an empty prompt ({len(p)}) or response ({len(r)})")
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+    L = max(max(lengths), row_length or 0)
+    rows = _first_fit(lengths, L)
+    ids = torch.zeros(len(rows), L, dtype=torch.long)
+    pos = torch.zeros(len(rows), L, dtype=torch.long)
+    seg_tok = torch.full((len(rows), L), -1, dtype=torch.long)  # -1: padding at a row's end
+    predict, targets, segment = [], [], []
+    for r, members in enumerate(rows):
+        col = 0
+        for k in members:
+            p, resp = prompts[k], responses[k]
+            n = lengths[k]
+            ids[r, col : col + n] = torch.tensor(list(p) + list(resp))
+            pos[r, col : col + n] = torch.arange(n)
+            seg_tok[r, col : col + n] = k
+            start = r * L + col + len(p) - 1
+            predict.extend(range(start, start + len(resp)))
+            targets.extend(resp)
+            segment.extend([k] * len(resp))
+            col += n
+    mask = None
+    if block_mask:
+        same = seg_tok[:, :, None] == seg_tok[:, None, :]
+        mask = (same & torch.ones(L, L, dtype=torch.bool).tril())
+        mask |= torch.eye(L, dtype=torch.bool)  # padding rows attend to themselves: no all-masked softmax rows
+        mask = mask[:, None].to(device)
+    as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+    return PackedBatch(
+        input_ids=ids.to(device), position_ids=pos.to(device), attention_mask=mask,
+        predict_positions=as_long(predict), targets=as_long(targets), segment=as_long(segment),
+        num_sequences=len(prompts), num_tokens=sum(lengths),
+    )
+
+
+def packed_response_logps(model, batch: PackedBatch, *, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence SUM of response-token log-probs [num_sequences] and response lengths [num_sequences]."""
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise ValueError(f"{type(model).__name__}: an lm_head with a bias is not supported by the chunked log-prob path")
+    hidden = model.base_model(
+        input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=batch.attention_mask, use_cache=False
+    ).last_hidden_state
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    token_logps = chunked_token_logps(hidden[batch.predict_positions], head.weight, batch.targets, chunk)
+    return segment_sum(token_logps, batch.segment, batch.num_sequences), batch.response_lengths()
+
+
+def padded_response_logps(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int, device) -> torch.Tensor:
+    """The plain baseline: right-padded batch, full [batch, seq, vocab] logits, log_softmax, gather. For tests and
+    benchmarks; the trainer uses the packed path."""
+    seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
+    T = max(map(len, seqs))
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long, device=device)
+    attn = torch.zeros((len(seqs), T), dtype=torch.long, device=device)
+    resp_mask = torch.zeros((len(seqs), T), dtype=torch.float32, device=device)
+    for i, (p, s) in enumerate(zip(prompts, seqs)):
+        ids[i, : len(s)] = torch.tensor(s, device=device)
+        attn[i, : len(s)] = 1
+        resp_mask[i, len(p) : len(s)] = 1
+    logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits.float()
+    logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(2, ids[:, 1:, None]).squeeze(2)
+    return (logps * resp_mask[:, 1:]).sum(1)
