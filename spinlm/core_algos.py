@@ -5,6 +5,7 @@ The log-ratio margin is h = (pc - rc) - (pr - rr); the implicit rewards are beta
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -119,6 +120,9 @@ def pair_by_reward(prompt_ids: list, scores: list[float], *, min_gap: float = 0.
     """
     if len(prompt_ids) != len(scores):
         raise ValueError(f"pair_by_reward: {len(prompt_ids)} prompt ids but {len(scores)} scores")
+    bad = [i for i, s in enumerate(scores) if not math.isfinite(s)]
+    if bad:
+        raise ValueError(f"pair_by_reward: score of sample {bad[0]} is {scores[bad[0]]}; scores must be finite")
     groups: dict = {}
     for i, pid in enumerate(prompt_ids):
         groups.setdefault(pid, []).append(i)

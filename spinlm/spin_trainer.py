@@ -157,17 +157,17 @@ class SpinTrainer:
             with self.timer("judge"):
                 judged, rollout_metrics = self.judge_by_reward(items, rollout)
             all_pairs.append(judged)
-            if len(judged.pairs) == 0:  # every prompt tied: no signal this step; the step still counts
-                self.tracker.log(rollout_metrics, round=t + 1, step=self.state.global_step, kind="rollout")
+            self.tracker.log(rollout_metrics, round=t + 1, step=self.state.global_step + 1, kind="rollout")
+            if len(judged.pairs) == 0:  # every prompt tied: no signal this step, but the step still counts
                 self.state.global_step += 1
-                self.worker.scheduler.step()
+                self.worker.skip_step()
                 continue
             pairs = judged.pairs
             with self.timer("ref_logps"):
                 ref_chosen = self.worker.sequence_logps(pairs.prompts, pairs.chosen, opponent=True)
                 ref_rejected = self.worker.sequence_logps(pairs.prompts, pairs.rejected, opponent=True)
             with self.timer("update"):
-                last = {**rollout_metrics, **self.train_step(t, pairs, ref_chosen, ref_rejected, extra=rollout_metrics)}
+                last = {**rollout_metrics, **self.train_step(t, pairs, ref_chosen, ref_rejected)}
         self.worker.refresh_opponent()  # the improved policy becomes the next opponent
         self.write_pairs(t, RoundPairs(
             Pairs(*[sum((getattr(j.pairs, f) for j in all_pairs), []) for f in ("prompts", "chosen", "rejected")]),
@@ -193,7 +193,7 @@ class SpinTrainer:
         return judged, metrics
 
     # ---- shared pieces --------------------------------------------------------------------------------------------------
-    def train_step(self, t: int, pairs: Pairs, ref_chosen, ref_rejected, extra: dict | None = None) -> dict:
+    def train_step(self, t: int, pairs: Pairs, ref_chosen, ref_rejected) -> dict:
         metrics = self.worker.update(pairs, ref_chosen, ref_rejected, self.loss_settings(t))
         self.state.global_step += 1
         metrics["train/pairs"] = float(len(pairs))

@@ -18,7 +18,8 @@ _CONTAINERS = ["bags", "boxes", "jars", "baskets"]
 _ADD_VERBS = ["buys {n} more", "finds {n} more", "gets {n} more", "wins {n} more"]
 _SUB_VERBS = ["gives away {n}", "sells {n}", "loses {n}", "uses {n}"]
 
-_MAX_TRIES_PER_PROBLEM = 1000
+# Consecutive duplicate draws after which the requested count is taken to exceed what the knobs allow.
+_MAX_MISSES = 10_000
 
 
 def _make_problem(rng: random.Random, *, min_steps: int, max_steps: int, max_number: int,
@@ -80,15 +81,16 @@ def generate_problems(n: int, seed: int, *, min_steps: int = 1, max_steps: int =
     rng = random.Random(seed)
     seen: set[str] = set()
     out: list[dict[str, Any]] = []
-    tries = 0
+    misses = 0
     while len(out) < n:
         p = _make_problem(rng, min_steps=min_steps, max_steps=max_steps, max_number=max_number, allow_mul=allow_mul)
-        tries += 1
         if p["question"] in seen:
-            if tries > _MAX_TRIES_PER_PROBLEM * (n + 1):
+            misses += 1
+            if misses > _MAX_MISSES:
                 raise ValueError(f"n={n}: could only find {len(out)} distinct problems with min_steps={min_steps}, "
                                  f"max_steps={max_steps}, max_number={max_number}; raise max_number or lower n")
             continue
+        misses = 0
         seen.add(p["question"])
         out.append(p)
     return out

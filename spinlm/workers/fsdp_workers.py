@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -129,6 +130,12 @@ class PolicyWorker:
         self.scheduler.step()
         metrics["train/lr"] = lr
         return metrics
+
+    def skip_step(self) -> None:
+        """Advance the schedule for a step that had nothing to learn from (every prompt's samples tied)."""
+        with warnings.catch_warnings():  # torch warns when the schedule moves without an optimizer step: intended here
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()
 
     def peak_memory_bytes(self) -> int:
         if self.device.type == "cuda":

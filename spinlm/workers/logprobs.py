@@ -139,8 +139,13 @@ def packed_response_logps(model, batch: PackedBatch, *, chunk: int = 1024) -> tu
     head = model.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
         raise ValueError(f"{type(model).__name__}: an lm_head with a bias is not supported by the chunked log-prob path")
+    mask = batch.attention_mask
+    if mask is not None and model.config._attn_implementation == "eager":
+        # eager ADDS a ready-made 4D mask to the scores: a bool mask would add 1/0 instead of blocking
+        mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(
+            ~mask, torch.finfo(torch.float32).min)
     hidden = model.base_model(
-        input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=batch.attention_mask, use_cache=False
+        input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask, use_cache=False
     ).last_hidden_state
     hidden = hidden.reshape(-1, hidden.shape[-1])
     token_logps = chunked_token_logps(hidden[batch.predict_positions], head.weight, batch.targets, chunk)

@@ -1,0 +1,142 @@
+"""End-to-end rounds on the tiny task, in-process on CPU: the run directory, both modes, resume, the opponent."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from spinlm.config import load_config, resolved
+from spinlm.main_spin import load_items, run
+from spinlm.workers.dp_actor import LossSettings, Pairs
+from spinlm.workers.fsdp_workers import PolicyWorker
+
+
+def smoke(tmp_path: Path, *extra: str):
+    return load_config(["preset=smoke", f"trainer.output_dir={tmp_path / 'run'}", "trainer.eval_before_training=false",
+                        *extra])
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(path / "model.safetensors")
+
+
+def test_spin_round_writes_the_run_directory(tiny_task, tmp_path):
+    run_dir = tmp_path / "run"
+    table = run(smoke(tmp_path, "trainer.rounds=1"))
+    assert [r["round"] for r in table] == [1]
+    assert (run_dir / "config.yaml").exists()
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "1"
+    rows = metrics(run_dir)
+    train = [r for r in rows if r["kind"] == "train"]
+    assert len(train) == 2  # 32 prompts, batch 16
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected", "round", "step"):
+        assert key in train[0]
+    val = [r for r in rows if r["kind"] == "val"][-1]
+    assert {"val/acc", "val/acc/tiny_arith", "time/generate", "time/ref_logps", "time/update", "time/eval",
+            "time/save"} <= set(val)
+    pairs = pq.read_table(run_dir / "rounds" / "1" / "pairs.parquet").to_pylist()
+    assert len(pairs) > 0
+    for p in pairs:  # mode spin: chosen is the ground truth and never the sample
+        assert p["chosen_ids"] != p["rejected_ids"]
+        assert p["chosen"].rstrip().split("#### ")[-1].strip().isdigit()
+
+    # the checkpoint loads with plain transformers, with no spinlm import
+    code = ("import sys; from transformers import AutoModelForCausalLM, AutoTokenizer; "
+            f"m = AutoModelForCausalLM.from_pretrained({str(run_dir / 'checkpoints' / '1')!r}); "
+            f"t = AutoTokenizer.from_pretrained({str(run_dir / 'checkpoints' / '1')!r}); "
+            "assert t.chat_template and 'spinlm' not in sys.modules; print(sum(p.numel() for p in m.parameters()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert int(out.stdout.split()[-1]) > 100_000
+
+
+def test_resume_continues_at_the_next_round_and_equals_an_uninterrupted_run(tiny_task, tmp_path):
+    whole = tmp_path / "whole"
+    run(smoke(whole, "trainer.rounds=2"))
+    parts = tmp_path / "parts"
+    run(smoke(parts, "trainer.rounds=1"))
+    run(smoke(parts, "trainer.rounds=2"))  # resume=auto: starts at round 2
+    rounds_trained = sorted({r["round"] for r in metrics(parts / "run") if r["kind"] == "train"})
+    assert rounds_trained == [1, 2]
+    assert len([r for r in metrics(parts / "run") if r["kind"] == "train" and r["round"] == 1]) == 2  # not repeated
+    a, b = weights(whole / "run" / "checkpoints" / "2"), weights(parts / "run" / "checkpoints" / "2")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_online_dpo_pairs_best_against_worst_of_the_same_prompt(tiny_task, tmp_path):
+    run_dir = tmp_path / "run"
+    run(smoke(tmp_path, "algorithm.mode=online_dpo", "rollout.n=4", "trainer.rounds=1", "trainer.train_batch_size=16",
+              "rollout.temperature=1.5"))
+    train_prompts = {}
+    for row in pq.read_table(tiny_task / "train.parquet").to_pylist():
+        train_prompts[row["prompt"][0]["content"]] = row["reward_model"]["ground_truth"]
+    pairs = pq.read_table(run_dir / "rounds" / "1" / "pairs.parquet").to_pylist()
+    rollouts = [r for r in metrics(run_dir) if r["kind"] == "rollout"]
+    assert sum(r["rollout/pairs"] for r in rollouts) == len(pairs)
+    assert all(r["rollout/pairs"] + r["rollout/ties_dropped"] == 16 for r in rollouts)
+    for p in pairs:
+        assert p["chosen_score"] > p["rejected_score"]  # ties are dropped, never paired
+        row = int(p["origin"].rsplit(":", 1)[1])
+        question = pq.read_table(tiny_task / "train.parquet").slice(row, 1).to_pylist()[0]["prompt"][0]["content"]
+        assert question in p["prompt"]  # the pair's prompt is the prompt its samples answered
+
+
+def test_given_pairs_train_round_one_as_offline_dpo(tiny_task, tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"What is {i} + {i}?", "chosen": f"{i}+{i}={2 * i}.\n#### {2 * i}",
+             "rejected": f"{i}+{i}={2 * i + 1}.\n#### {2 * i + 1}", "data_source": "tiny_arith"} for i in range(16)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_dir = tmp_path / "run"
+    run(smoke(tmp_path, f"data.train_files={data}", "trainer.rounds=1", "data.prompts_per_round=null"))
+    given = [r for r in metrics(run_dir) if r["kind"] == "rollout"][0]
+    assert given["rollout/given_pairs"] == 16
+    pairs = pq.read_table(run_dir / "rounds" / "1" / "pairs.parquet").to_pylist()
+    assert sorted(p["rejected"] for p in pairs) == sorted(r["rejected"] for r in rows)
+
+
+def test_opponent_refresh_is_an_in_place_copy(tiny_task, tmp_path):
+    cfg = resolved(smoke(tmp_path, "algorithm.mode=online_dpo", "rollout.n=2"))
+    worker = PolicyWorker(cfg, cfg.model.path, keep_opponent=True)
+    items, _ = load_items(cfg, worker.tokenizer, cfg.data.train_files, need_response=True)
+    items = items[:8]
+    prompts, chosen = [it.prompt_ids for it in items], [it.response_ids for it in items]
+    rejected = [it.response_ids[:-3] + [worker.tokenizer.eos_token_id] for it in items]
+    opponent_storage = [p.data_ptr() for p in worker.opponent.parameters()]
+
+    assert torch.equal(worker.sequence_logps(prompts, chosen), worker.sequence_logps(prompts, chosen, opponent=True))
+    worker.start_schedule(10)
+    ref_c = worker.sequence_logps(prompts, chosen, opponent=True)
+    ref_r = worker.sequence_logps(prompts, rejected, opponent=True)
+    for _ in range(2):  # warmup makes the first step's lr small; two steps move the policy
+        worker.update(Pairs(prompts, chosen, rejected), ref_c, ref_r, LossSettings(beta=0.1))
+    after_policy = worker.sequence_logps(prompts, chosen)
+    assert not torch.allclose(after_policy, worker.sequence_logps(prompts, chosen, opponent=True))
+    worker.refresh_opponent()
+    assert torch.equal(after_policy, worker.sequence_logps(prompts, chosen, opponent=True))
+    assert [p.data_ptr() for p in worker.opponent.parameters()] == opponent_storage  # same tensors, new values
+    assert all(not p.requires_grad for p in worker.opponent.parameters())
+
+
+def test_spin_keeps_one_model_resident(tiny_task, tmp_path):
+    cfg = resolved(smoke(tmp_path))
+    assert PolicyWorker(cfg, cfg.model.path, keep_opponent=False).opponent is None
+
+
+def test_beta_per_round_is_used_per_round(tiny_task, tmp_path):
+    run_dir = tmp_path / "run"
+    run(smoke(tmp_path, "algorithm.beta=[0.5,2.0]"))
+    rows = [r for r in metrics(run_dir) if r["kind"] == "train"]
+    for r in rows:  # rewards are beta * log-ratio, margins likewise: recover beta from them
+        ratio = r["logps/chosen"] - r["logps/ref_chosen"]
+        if abs(ratio) > 1e-3:
+            assert r["rewards/chosen"] == pytest.approx((0.5 if r["round"] == 1 else 2.0) * ratio, rel=1e-4)
