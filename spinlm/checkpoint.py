@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from spinlm.crash_points import crash_point
+
 STATE_FILE = "trainer_state.pt"
 
 
@@ -45,6 +47,7 @@ def save_checkpoint(run_dir: Path, name: str, save_model, state: dict, keep_last
         shutil.rmtree(tmp)
     tmp.mkdir()
     save_model(tmp)
+    crash_point("checkpoint_write")
     torch.save(state, tmp / STATE_FILE)
     _fsync_tree(tmp)
     final = root / name

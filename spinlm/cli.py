@@ -17,9 +17,13 @@ def _overrides_parser(prog_help: str) -> argparse.ArgumentParser:
 
 
 def _cmd_train(args) -> int:
+    from spinlm.config_check import validate
+
+    cfg = load_config(args.overrides)
+    validate(cfg)  # before importing torch: a bad config is reported in a fraction of a second, not seconds
     from spinlm.main_spin import run
 
-    run(load_config(args.overrides))
+    run(cfg)
     return 0
 
 

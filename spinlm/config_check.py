@@ -220,8 +220,7 @@ def _read_tree(cfg: DictConfig) -> tuple[list[str], dict[str, Any]]:
         try:
             value = _resolve(cfg, key)
         except OmegaConfBaseException as exc:
-            reason = str(exc).splitlines()[0]
-            problems.append(f"{key}={_fmt(raw_value)}: cannot resolve ({reason})")
+            problems.append(f"{key}={_fmt(raw_value)}: cannot resolve ({_resolution_reason(exc)})")
             continue
         kinds = _kinds_of_default(key, default)
         if not any(_matches(value, k) for k in kinds):
@@ -231,6 +230,17 @@ def _read_tree(cfg: DictConfig) -> tuple[list[str], dict[str, Any]]:
             continue
         values[key] = value
     return problems, values
+
+
+_WRAPPED = re.compile(r"^\w+ raised while resolving interpolation: (.*)$")
+
+
+def _resolution_reason(exc: OmegaConfBaseException) -> str:
+    """omegaconf prefixes a resolver's own error with its Python type ('KeyError raised while resolving
+    interpolation: "Environment variable 'X' not found"'): keep the resolver's words."""
+    reason = str(exc).splitlines()[0]
+    wrapped = _WRAPPED.match(reason)
+    return wrapped.group(1).strip('"') if wrapped else reason
 
 
 def _present(raw: dict, key: str) -> bool:

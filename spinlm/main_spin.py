@@ -1,6 +1,7 @@
 """The director: check the config, load data, start the worker, run the rounds, close cleanly."""
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -42,6 +43,17 @@ def load_items(cfg, tokenizer, files, *, need_response: bool):
     return items, stats
 
 
+def drop_unfinished_metrics(run_dir: Path, done_rounds: int) -> None:
+    """A run killed mid-round logged steps that the resumed run will redo: keep only completed rounds' rows."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["round"] <= done_rounds]
+    tmp = path.with_name(".metrics.jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
+
+
 def run(cfg) -> list[dict]:
     validate(cfg)  # every rule, before anything heavy
     cfg = resolved(cfg)
@@ -62,13 +74,11 @@ def run(cfg) -> list[dict]:
         val_items = [it for it in val_items if it.example.ground_truth is not None][: cfg.data.val_max_samples or None]
     reward_fn = get_reward_fn(cfg.reward)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
     state = TrainerState()
     model_path = cfg.model.path
     if latest is not None:
         saved = load_state(latest)
-        state = TrainerState(saved["next_round"], saved["global_step"], list(saved["table"]))
+        state = TrainerState(saved["next_round"], saved["global_step"], saved["skipped_steps"], list(saved["table"]))
         model_path = str(latest)
         print(f"resuming from {latest} (next round {state.next_round + 1} of {cfg.trainer.rounds})")
     if state.next_round >= cfg.trainer.rounds:
@@ -78,9 +88,13 @@ def run(cfg) -> list[dict]:
     worker = PolicyWorker(cfg, model_path, keep_opponent=cfg.algorithm.mode == "online_dpo")
     if latest is not None and cfg.algorithm.mode == "online_dpo":
         worker.load_training_state(saved, cfg.trainer.rounds * cfg.algorithm.ref_update_every)
+    run_dir.mkdir(parents=True, exist_ok=True)  # only now that every input has loaded: a bad input writes nothing
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    if latest is not None:
+        drop_unfinished_metrics(run_dir, state.next_round)
     tracker = Tracker(run_dir, list(cfg.trainer.logger), cfg.trainer.log_every)
     tracker.log({"data/train_rows": float(len(train_items)), "data/val_rows": float(len(val_items)),
-                 **{f"data/{k}": float(v) for k, v in stats.items()}}, round=state.next_round, step=state.global_step,
+                 **{f"data/{k}": float(v) for k, v in stats.items()}}, round=state.next_round + 1, step=state.global_step,
                 kind="data")
     try:
         return SpinTrainer(cfg, worker, train_items, val_items, reward_fn, run_dir, tracker, state).fit()

@@ -25,9 +25,15 @@ from tqdm.auto import tqdm
 
 from spinlm.checkpoint import save_checkpoint
 from spinlm.core_algos import apply_missing_eos_penalty, pair_by_reward
+from spinlm.crash_points import crash_point
+from spinlm.errors import UserError
 from spinlm.rewards import score_samples
 from spinlm.rollout.hf_rollout import SamplingParams
 from spinlm.workers.dp_actor import LossSettings, Pairs
+
+
+class NonFiniteError(UserError):
+    """Too many consecutive steps with a non-finite loss or gradient norm."""
 
 
 @dataclass
@@ -46,6 +52,7 @@ class TrainerState:
 
     next_round: int = 0
     global_step: int = 0
+    skipped_steps: int = 0
     table: list[dict] = field(default_factory=list)
 
 
@@ -60,6 +67,7 @@ class SpinTrainer:
         self.tracker = tracker
         self.state = state
         self.mode = cfg.algorithm.mode
+        self.bad_in_a_row = 0
         self.timings: dict[str, float] = {}
 
     # ---- the loop ---------------------------------------------------------------------------------------------------
@@ -195,9 +203,20 @@ class SpinTrainer:
     # ---- shared pieces --------------------------------------------------------------------------------------------------
     def train_step(self, t: int, pairs: Pairs, ref_chosen, ref_rejected) -> dict:
         metrics = self.worker.update(pairs, ref_chosen, ref_rejected, self.loss_settings(t))
+        crash_point("update")
         self.state.global_step += 1
+        skipped = metrics.pop("train/step_skipped") > 0
+        self.state.skipped_steps += skipped
+        self.bad_in_a_row = self.bad_in_a_row + 1 if skipped else 0
+        metrics["train/skipped_steps"] = float(self.state.skipped_steps)
         metrics["train/pairs"] = float(len(pairs))
         self.tracker.log(metrics, round=t + 1, step=self.state.global_step)
+        if self.bad_in_a_row > self.cfg.trainer.max_bad_steps:
+            raise NonFiniteError(
+                f"round {t + 1}, step {self.state.global_step}: {self.bad_in_a_row} steps in a row had a non-finite loss "
+                f"or gradient norm (loss={metrics['loss']}, grad_norm={metrics['train/grad_norm']}), more than "
+                f"trainer.max_bad_steps={self.cfg.trainer.max_bad_steps}. Stopped; the last complete checkpoint is kept "
+                f"in {self.run_dir / 'checkpoints'}. Try a lower actor.lr, a larger algorithm.beta, or model.dtype=float32")
         return metrics
 
     def loss_settings(self, t: int) -> LossSettings:
@@ -288,6 +307,7 @@ class SpinTrainer:
 
     def save(self, t: int) -> None:
         state = {"next_round": self.state.next_round, "global_step": self.state.global_step,
+                 "skipped_steps": self.state.skipped_steps,
                  "table": self.state.table, **self.worker.training_state()}
         save_checkpoint(self.run_dir, str(t + 1), self.worker.save_pretrained, state,
                         keep_last=self.cfg.trainer.keep_last_checkpoints)

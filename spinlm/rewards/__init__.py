@@ -15,11 +15,13 @@ import os
 import sys
 from typing import Any, Callable, Iterable, Mapping
 
+from spinlm.errors import UserError
 from spinlm.rewards import exact_match, gsm8k, math_boxed
 
 
-class RewardError(RuntimeError):
-    """A reward function could not be loaded, or failed / returned a non-number for a sample."""
+class RewardError(UserError):
+    """A reward function could not be loaded, or failed / returned a non-number for a sample. A UserError: the
+    message names the row and the function, so the CLI prints it without a traceback."""
 
 
 RewardFn = Callable[..., Any]

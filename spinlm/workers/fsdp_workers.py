@@ -15,6 +15,7 @@ import warnings
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from spinlm.crash_points import crash_point
 from spinlm.evaluate import eos_ids_of, evaluate_accuracy
 from spinlm.rollout.hf_rollout import Rollout, SamplingParams, generate
 from spinlm.workers.dp_actor import DataParallelActor, LossSettings, Pairs
@@ -103,8 +104,10 @@ class PolicyWorker:
 
     # ---- rollout and log-probs --------------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int, desc: str = "generate") -> Rollout:
-        return generate(self.model, prompts, params, pad_id=self.tokenizer.pad_token_id, eos_ids=self.eos_ids,
-                        batch_size=self.cfg.rollout.batch_size, seed=seed, desc=desc)
+        rollout = generate(self.model, prompts, params, pad_id=self.tokenizer.pad_token_id, eos_ids=self.eos_ids,
+                           batch_size=self.cfg.rollout.batch_size, seed=seed, desc=desc)
+        crash_point("generate")
+        return rollout
 
     def sequence_logps(self, prompts, responses, *, opponent: bool = False) -> torch.Tensor:
         model = self.opponent if opponent else self.model
