@@ -22,7 +22,8 @@ import torch
 def child(args) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from spinlm.workers.dp_actor import DataParallelActor, LossSettings, Pairs
+    from spinlm.workers.logprobs import ResponseLogProbs
+from spinlm.workers.dp_actor import DataParallelActor, LossSettings, Pairs
     from spinlm.workers.fsdp_workers import PolicyWorker  # noqa: F401  (same import cost on both sides)
 
     torch.manual_seed(0)
@@ -40,10 +41,10 @@ def child(args) -> None:
     prompts = [torch.randint(3, args.vocab, (64,), generator=g).tolist() for _ in range(n)]
     chosen = [torch.randint(3, args.vocab, (64,), generator=g).tolist() for _ in range(n)]
     rejected = [torch.randint(3, args.vocab, (64,), generator=g).tolist() for _ in range(n)]
-    actor = DataParallelActor(model, micro_batch_size=4, max_tokens_per_micro_batch=None, logprob_chunk_size=1024)
-    ref_model = opponent if opponent is not None else model
-    ref_c = actor.sequence_logps(prompts, chosen, model=ref_model)
-    ref_r = actor.sequence_logps(prompts, rejected, model=ref_model)
+    actor = DataParallelActor(ResponseLogProbs(model, chunk=1024), micro_batch_size=4, max_tokens_per_micro_batch=None)
+    ref = ResponseLogProbs(opponent) if opponent is not None else actor.module
+    ref_c = actor.sequence_logps(prompts, chosen, module=ref)
+    ref_r = actor.sequence_logps(prompts, rejected, module=ref)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     for _ in range(2):
         actor.preference_step(Pairs(prompts, chosen, rejected), ref_c, ref_r, LossSettings(beta=0.1), opt, grad_clip=1.0)

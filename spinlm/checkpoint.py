@@ -13,8 +13,13 @@ from pathlib import Path
 import torch
 
 from spinlm.crash_points import crash_point
+from spinlm.errors import UserError
 
 STATE_FILE = "trainer_state.pt"
+
+
+class CheckpointError(UserError):
+    """checkpoints/latest names a checkpoint that is not complete."""
 
 
 def _fsync_tree(path: Path) -> None:
@@ -74,7 +79,9 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
         return None
     path = latest.parent / latest.read_text().strip()
     if not (path / STATE_FILE).exists():
-        raise FileNotFoundError(f"{latest} names {path.name}, which is incomplete or missing ({STATE_FILE} not found)")
+        raise CheckpointError(f"{latest} names {path.name}, which is incomplete or missing ({STATE_FILE} not found): "
+                              "trainer.resume=auto cannot continue this run; write the name of a complete checkpoint "
+                              "folder into it, or pick a new trainer.output_dir")
     return path
 
 

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from spinlm.config import ConfigError, available_presets, default_config
+from spinlm.tracking import missing_logger_libraries
 
 MISSING = "???"
 
@@ -33,6 +34,7 @@ ENUMS: dict[str, tuple[str, ...]] = {
     "actor.lr_scheduler": ("linear", "cosine", "constant"),
     "trainer.resume": ("auto", "disable"),
     "trainer.device": ("auto", "cpu", "cuda"),
+    "trainer.launcher": ("auto", "local", "ray"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
     "rollout.engine": ("hf",),
@@ -51,6 +53,7 @@ TYPE_OVERRIDES: dict[str, tuple[str, ...]] = {
     "data.val_max_samples": ("null", "int"),
     "algorithm.beta": ("float", "list[float]"),
     "reward.custom_path": ("null", "str"),
+    "ray.address": ("null", "str"),
     "actor.max_tokens_per_micro_batch": ("null", "int"),
     "trainer.keep_last_checkpoints": ("null", "int"),
     "trainer.threads": ("null", "int"),
@@ -295,6 +298,7 @@ def _check_enums(v: _Values) -> list[str]:
                 close = difflib.get_close_matches(name, LOGGERS, n=1)
                 hint = f"; did you mean {close[0]}?" if close else ""
                 problems.append(f"trainer.logger[{i}]={_fmt(name)}: must be one of {', '.join(LOGGERS)}{hint}")
+        problems += missing_logger_libraries([n for n in v["trainer.logger"] if n in LOGGERS])
     return problems
 
 
@@ -329,6 +333,7 @@ RANGES: dict[str, _Bound] = {
     "trainer.train_batch_size": (1, True, None, False, False),
     "trainer.n_gpus_per_node": (0, True, None, False, False),
     "trainer.nnodes": (1, True, None, False, False),
+    "trainer.cpu_workers": (1, True, None, False, False),
     "trainer.log_every": (1, True, None, False, False),
     "trainer.keep_last_checkpoints": (1, True, None, False, True),
     "trainer.max_bad_steps": (0, True, None, False, False),
@@ -394,16 +399,17 @@ def _check_mode(v: _Values) -> list[str]:
 
 
 def _check_batches(v: _Values) -> list[str]:
-    keys = ("trainer.train_batch_size", "actor.micro_batch_size", "trainer.nnodes", "trainer.n_gpus_per_node")
+    keys = ("trainer.train_batch_size", "actor.micro_batch_size", "trainer.nnodes", "trainer.n_gpus_per_node",
+            "trainer.cpu_workers")
     if not v.has(*keys):
         return []
-    batch, micro, nnodes, gpus = (v[k] for k in keys)
-    world = nnodes * max(gpus, 1)
+    batch, micro, nnodes, gpus, cpus = (v[k] for k in keys)
+    world = nnodes * gpus if gpus > 0 else cpus
     if batch % (micro * world) == 0:
         return []
+    how = f"trainer.nnodes x trainer.n_gpus_per_node = {nnodes} x {gpus}" if gpus > 0 else f"trainer.cpu_workers = {cpus}"
     return [f"trainer.train_batch_size={batch}: must be divisible by actor.micro_batch_size x world size = "
-            f"{micro} x {world} = {micro * world} (world size = trainer.nnodes x max(trainer.n_gpus_per_node, 1) "
-            f"= {nnodes} x {max(gpus, 1)})"]
+            f"{micro} x {world} = {micro * world} (world size = {how})"]
 
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")

@@ -2,7 +2,7 @@
 
 SPINLM_KILL_AT=<point>:<n> makes the process SIGKILL itself the n-th time it reaches <point> (generate, update,
 checkpoint_write), so a test can kill a run exactly mid-generation, mid-update or mid-checkpoint and check that the
-resumed run loses nothing. Unset (always, outside those tests) it costs one environment lookup.
+resumed run loses nothing; with SPINLM_KILL_RANK=<r> only Ray rank r dies. Unset (always, outside those tests) it costs one environment lookup.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def crash_point(name: str) -> None:
     if not spec:
         return
     point, _, count = spec.partition(":")
-    if point != name:
+    if point != name or os.environ.get("SPINLM_KILL_RANK", os.environ.get("SPINLM_RANK")) != os.environ.get("SPINLM_RANK"):
         return
     _hits[name] = _hits.get(name, 0) + 1
     if _hits[name] == int(count or 1):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from spinlm.checkpoint import latest_checkpoint, load_state
 from spinlm.config import resolved, to_yaml
@@ -14,10 +15,11 @@ from spinlm.config_check import validate
 from spinlm.errors import UserError
 from spinlm.data.dataset import tokenize_examples
 from spinlm.data.formats import load_examples
-from spinlm.rewards import get_reward_fn
+from spinlm.rewards import get_reward_fn, score_samples
 from spinlm.spin_trainer import SpinTrainer, TrainerState
 from spinlm.tracking import Tracker
-from spinlm.workers.fsdp_workers import PolicyWorker, load_tokenizer
+from spinlm.workers.fsdp_workers import load_tokenizer
+from spinlm.workers.worker_group import make_worker_group
 
 
 class RunError(UserError):
@@ -44,14 +46,33 @@ def load_items(cfg, tokenizer, files, *, need_response: bool):
 
 
 def drop_unfinished_metrics(run_dir: Path, done_rounds: int) -> None:
-    """A run killed mid-round logged steps that the resumed run will redo: keep only completed rounds' rows."""
+    """Rows of rounds that never completed (a run killed mid-round, or a fresh start over an old run directory)
+    would be logged again: keep only completed rounds' rows. A line cut short by a kill is dropped too."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["round"] <= done_rounds]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if done_rounds > 0 and row["round"] <= done_rounds:
+            keep.append(line)
     tmp = path.with_name(".metrics.jsonl.tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     tmp.replace(path)
+
+
+def preflight_reward(reward_fn, items) -> None:
+    """Call the reward once on a row with a ground truth (its own reference answer) before anything is written,
+    so a reward function that cannot run fails now, naming the row, not rounds later."""
+    for it in items:
+        if it.example.ground_truth is not None:
+            text = it.example.response if it.example.response is not None else ""
+            score_samples(reward_fn, [(it.example.data_source, text, it.example.ground_truth, it.example.extra_info,
+                                       it.example.origin)])
+            return
 
 
 def run(cfg) -> list[dict]:
@@ -73,6 +94,7 @@ def run(cfg) -> list[dict]:
         val_items, _ = load_items(cfg, tokenizer, cfg.data.val_files, need_response=False)
         val_items = [it for it in val_items if it.example.ground_truth is not None][: cfg.data.val_max_samples or None]
     reward_fn = get_reward_fn(cfg.reward)
+    preflight_reward(reward_fn, val_items + train_items)
 
     state = TrainerState()
     model_path = cfg.model.path
@@ -85,18 +107,22 @@ def run(cfg) -> list[dict]:
         print(f"{run_dir}: all {cfg.trainer.rounds} rounds are done (raise trainer.rounds to continue)")
         return state.table
 
-    worker = PolicyWorker(cfg, model_path, keep_opponent=cfg.algorithm.mode == "online_dpo")
-    if latest is not None and cfg.algorithm.mode == "online_dpo":
-        worker.load_training_state(saved, cfg.trainer.rounds * cfg.algorithm.ref_update_every)
-    run_dir.mkdir(parents=True, exist_ok=True)  # only now that every input has loaded: a bad input writes nothing
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    if latest is not None:
-        drop_unfinished_metrics(run_dir, state.next_round)
-    tracker = Tracker(run_dir, list(cfg.trainer.logger), cfg.trainer.log_every)
-    tracker.log({"data/train_rows": float(len(train_items)), "data/val_rows": float(len(val_items)),
-                 **{f"data/{k}": float(v) for k, v in stats.items()}}, round=state.next_round + 1, step=state.global_step,
-                kind="data")
+    workers = make_worker_group(cfg, model_path, keep_opponent=cfg.algorithm.mode == "online_dpo", run_dir=run_dir)
     try:
-        return SpinTrainer(cfg, worker, train_items, val_items, reward_fn, run_dir, tracker, state).fit()
+        if latest is not None:
+            workers.load_optimizer(latest, cfg.trainer.rounds * cfg.algorithm.ref_update_every)
+        run_dir.mkdir(parents=True, exist_ok=True)  # only now that every input has loaded: a bad input writes nothing
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        drop_unfinished_metrics(run_dir, state.next_round)
+        tracker = Tracker(run_dir, list(cfg.trainer.logger), cfg.trainer.log_every,
+                          config=OmegaConf.to_container(cfg))
+        try:
+            tracker.log({"data/train_rows": float(len(train_items)), "data/val_rows": float(len(val_items)),
+                         **{f"data/{k}": float(v) for k, v in stats.items()}}, round=state.next_round + 1,
+                        step=state.global_step, kind="data")
+            trainer = SpinTrainer(cfg, workers, tokenizer, train_items, val_items, reward_fn, run_dir, tracker, state)
+            return trainer.fit()
+        finally:
+            tracker.close()
     finally:
-        tracker.close()
+        workers.shutdown()

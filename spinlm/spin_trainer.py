@@ -27,6 +27,7 @@ from spinlm.checkpoint import save_checkpoint
 from spinlm.core_algos import apply_missing_eos_penalty, pair_by_reward
 from spinlm.crash_points import crash_point
 from spinlm.errors import UserError
+from spinlm.evaluate import accuracy_metrics
 from spinlm.rewards import score_samples
 from spinlm.rollout.hf_rollout import SamplingParams
 from spinlm.workers.dp_actor import LossSettings, Pairs
@@ -57,9 +58,11 @@ class TrainerState:
 
 
 class SpinTrainer:
-    def __init__(self, cfg, worker, train_items, val_items, reward_fn, run_dir: Path, tracker, state: TrainerState):
+    def __init__(self, cfg, workers, tokenizer, train_items, val_items, reward_fn, run_dir: Path, tracker,
+                 state: TrainerState):
         self.cfg = cfg
-        self.worker = worker
+        self.workers = workers  # a worker group: one in-process rank, or Ray actors
+        self.tokenizer = tokenizer
         self.train_items = train_items
         self.val_items = val_items
         self.reward_fn = reward_fn
@@ -87,7 +90,7 @@ class SpinTrainer:
                 self.save(t)
             summary = {**val, **{f"time/{k}": v for k, v in self.timings.items()},
                        "time/round": time.perf_counter() - round_start,
-                       "perf/peak_memory_gb": self.worker.peak_memory_bytes() / 2**30}
+                       "perf/peak_memory_gb": self.workers.peak_memory_bytes() / 2**30}
             self.tracker.log(summary, round=t + 1, step=self.state.global_step, kind="val")
             self.state.table.append({"round": t + 1, **_row(val, train_metrics), "time_s": summary["time/round"]})
             self.save_table_only(t)
@@ -106,7 +109,7 @@ class SpinTrainer:
             rollout_metrics = {"rollout/given_pairs": float(len(items))}
         else:
             with self.timer("generate"):
-                rollout = self.worker.generate([it.prompt_ids for it in items], self.sampling(n=1),
+                rollout = self.workers.generate([it.prompt_ids for it in items], self.sampling(n=1),
                                                seed=self.seed_for(t, 0), desc=f"round {t + 1} generate")
             with self.timer("judge"):
                 judged, rollout_metrics = self.judge_against_ground_truth(items, rollout)
@@ -115,11 +118,11 @@ class SpinTrainer:
 
         pairs = self.with_history(t, judged.pairs)
         with self.timer("ref_logps"):  # the opponent IS the policy now: its log-probs become numbers, one model stays
-            ref_chosen = self.worker.sequence_logps(pairs.prompts, pairs.chosen)
-            ref_rejected = self.worker.sequence_logps(pairs.prompts, pairs.rejected)
+            ref_chosen = self.workers.sequence_logps(pairs.prompts, pairs.chosen)
+            ref_rejected = self.workers.sequence_logps(pairs.prompts, pairs.rejected)
         batch = cfg.trainer.train_batch_size
         steps_per_epoch = math.ceil(len(pairs) / batch)
-        self.worker.start_schedule(steps_per_epoch * cfg.trainer.epochs_per_round)
+        self.workers.start_schedule(steps_per_epoch * cfg.trainer.epochs_per_round)
         last: dict = {}
         with self.timer("update"):
             bar = tqdm(total=steps_per_epoch * cfg.trainer.epochs_per_round, desc=f"round {t + 1} train", leave=False)
@@ -145,7 +148,7 @@ class SpinTrainer:
         metrics = {**_rollout_stats(samples, ended, scores), "rollout/identical_dropped": float(len(items) - len(keep)),
                    "rollout/pairs": float(len(keep))}
         if not keep:
-            raise RuntimeError(f"round: every one of {len(items)} samples equals its ground truth; nothing to learn from "
+            raise UserError(f"round: every one of {len(items)} samples equals its ground truth; nothing to learn from "
                                "(set algorithm.drop_identical_pairs=false to train on them anyway)")
         return judged, metrics
 
@@ -153,14 +156,14 @@ class SpinTrainer:
     def online_dpo_round(self, t: int) -> dict:
         cfg = self.cfg
         steps = cfg.algorithm.ref_update_every
-        if self.worker.optimizer is None:  # one schedule over the whole run; restored from the checkpoint on resume
-            self.worker.start_schedule(cfg.trainer.rounds * steps)
+        if not self.workers.has_schedule():  # one schedule over the whole run; restored from the checkpoint on resume
+            self.workers.start_schedule(cfg.trainer.rounds * steps)
         all_pairs: list[RoundPairs] = []
         last: dict = {}
         for _ in tqdm(range(steps), desc=f"round {t + 1} steps", leave=False):
             items = self.step_items(self.state.global_step)
             with self.timer("generate"):
-                rollout = self.worker.generate([it.prompt_ids for it in items], self.sampling(n=cfg.rollout.n),
+                rollout = self.workers.generate([it.prompt_ids for it in items], self.sampling(n=cfg.rollout.n),
                                                seed=self.seed_for(t, self.state.global_step), desc="generate")
             with self.timer("judge"):
                 judged, rollout_metrics = self.judge_by_reward(items, rollout)
@@ -168,15 +171,15 @@ class SpinTrainer:
             self.tracker.log(rollout_metrics, round=t + 1, step=self.state.global_step + 1, kind="rollout")
             if len(judged.pairs) == 0:  # every prompt tied: no signal this step, but the step still counts
                 self.state.global_step += 1
-                self.worker.skip_step()
+                self.workers.skip_step()
                 continue
             pairs = judged.pairs
             with self.timer("ref_logps"):
-                ref_chosen = self.worker.sequence_logps(pairs.prompts, pairs.chosen, opponent=True)
-                ref_rejected = self.worker.sequence_logps(pairs.prompts, pairs.rejected, opponent=True)
+                ref_chosen = self.workers.sequence_logps(pairs.prompts, pairs.chosen, opponent=True)
+                ref_rejected = self.workers.sequence_logps(pairs.prompts, pairs.rejected, opponent=True)
             with self.timer("update"):
                 last = {**rollout_metrics, **self.train_step(t, pairs, ref_chosen, ref_rejected)}
-        self.worker.refresh_opponent()  # the improved policy becomes the next opponent
+        self.workers.refresh_opponent()  # the improved policy becomes the next opponent
         self.write_pairs(t, RoundPairs(
             Pairs(*[sum((getattr(j.pairs, f) for j in all_pairs), []) for f in ("prompts", "chosen", "rejected")]),
             sum((j.origins for j in all_pairs), []), sum((j.chosen_scores for j in all_pairs), []),
@@ -202,7 +205,7 @@ class SpinTrainer:
 
     # ---- shared pieces --------------------------------------------------------------------------------------------------
     def train_step(self, t: int, pairs: Pairs, ref_chosen, ref_rejected) -> dict:
-        metrics = self.worker.update(pairs, ref_chosen, ref_rejected, self.loss_settings(t))
+        metrics = self.workers.update(pairs, ref_chosen, ref_rejected, self.loss_settings(t))
         crash_point("update")
         self.state.global_step += 1
         skipped = metrics.pop("train/step_skipped") > 0
@@ -271,14 +274,16 @@ class SpinTrainer:
         """Reward of each sample; in spin (required=False) only when every item has a ground truth."""
         if not required and any(it.example.ground_truth is None for it in items):
             return None
-        tok = self.worker.tokenizer
-        texts = tok.batch_decode(samples, skip_special_tokens=True)
+        texts = self.tokenizer.batch_decode(samples, skip_special_tokens=True)
         return score_samples(self.reward_fn, [(it.example.data_source, txt, it.example.ground_truth,
                                                it.example.extra_info, it.example.origin) for it, txt in zip(items, texts)])
 
     def evaluate(self) -> dict:
         with self.timer("eval"):
-            return self.worker.evaluate(self.val_items, self.reward_fn)
+            rollout = self.workers.generate([it.prompt_ids for it in self.val_items],
+                                            SamplingParams(max_new_tokens=self.cfg.data.max_response_length, greedy=True),
+                                            seed=0, desc="eval")
+            return accuracy_metrics(self.val_items, [r[0] for r in rollout.responses], self.tokenizer, self.reward_fn)
 
     @contextmanager
     def timer(self, name: str):
@@ -290,7 +295,7 @@ class SpinTrainer:
     def write_pairs(self, t: int, judged: RoundPairs) -> None:
         out = self.run_dir / "rounds" / str(t + 1)
         out.mkdir(parents=True, exist_ok=True)
-        tok = self.worker.tokenizer
+        tok = self.tokenizer
         p = judged.pairs
         table = pa.table({
             "origin": judged.origins,
@@ -307,9 +312,9 @@ class SpinTrainer:
 
     def save(self, t: int) -> None:
         state = {"next_round": self.state.next_round, "global_step": self.state.global_step,
-                 "skipped_steps": self.state.skipped_steps,
-                 "table": self.state.table, **self.worker.training_state()}
-        save_checkpoint(self.run_dir, str(t + 1), self.worker.save_pretrained, state,
+                 "skipped_steps": self.state.skipped_steps, "table": self.state.table}
+        save_model = functools.partial(self.workers.save, with_optimizer=self.mode == "online_dpo")
+        save_checkpoint(self.run_dir, str(t + 1), save_model, state,
                         keep_last=self.cfg.trainer.keep_last_checkpoints)
 
     def save_table_only(self, t: int) -> None:

@@ -133,7 +133,8 @@ def launched(request, tiny_task, tmp_path_factory):
             continue
         paths = {"bad": BAD, "tiny": tiny_task, "work": work}
         args = ["preset=smoke", f"trainer.output_dir={run_dir}", *(_fill(o, paths) for o in case["overrides"])]
-        started[case["id"]] = (pool.submit(_launch, args, env), run_dir, _snapshot(run_dir), None)
+        before = _snapshot(run_dir)  # taken before the launch starts, never racing it
+        started[case["id"]] = (pool.submit(_launch, args, env), run_dir, before, None)
     yield started
     pool.shutdown(wait=True)
 

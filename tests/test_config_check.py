@@ -1,6 +1,8 @@
 """The safety officer: one test per rule, each on a real config built with load_config and real files in tmp."""
 from __future__ import annotations
 
+import importlib.util
+
 import json
 import os
 from pathlib import Path
@@ -100,7 +102,7 @@ def test_unknown_keys_with_suggestion(files, override, expected):
     ("data.prompts_per_round=some", "data.prompts_per_round=some: expected null or an integer"),
     ("algorithm.beta=[0.1,x]", "algorithm.beta=[0.1, x]: expected a number or a list of numbers (the default is 0.1)"),
     ("trainer=5", "trainer=5: expected a section with keys rounds, epochs_per_round, train_batch_size, seed, "
-                  "output_dir, resume, device, n_gpus_per_node, nnodes, log_every, eval_before_training, "
+                  "output_dir, resume, device, launcher, n_gpus_per_node, nnodes, cpu_workers, log_every, eval_before_training, "
                   "keep_last_checkpoints, max_bad_steps, logger, threads"),
 ])
 def test_types(files, override, expected):
@@ -150,7 +152,9 @@ def test_enum_did_you_mean_and_logger_entries(files):
     assert problems_for(files, "trainer.logger=[console,tensorbord]") == [
         "trainer.logger[1]=tensorbord: must be one of console, jsonl, tensorboard, wandb, mlflow; "
         "did you mean tensorboard?"]
-    assert problems_for(files, "trainer.logger=[console,jsonl,tensorboard,wandb,mlflow]") == []
+    not_installed = [n for n in ("tensorboard", "wandb", "mlflow") if importlib.util.find_spec(n) is None]
+    assert problems_for(files, "trainer.logger=[console,jsonl,tensorboard,wandb,mlflow]") == [
+        f"trainer.logger contains {n}: its library is not installed (pip install {n})" for n in not_installed]
 
 
 def test_all_enum_values_are_accepted(files):
@@ -227,11 +231,13 @@ def test_ranges(files, key, bad, rule, good):
 def test_train_batch_must_divide_by_micro_batch_times_world(files):
     assert problems_for(files, "trainer.train_batch_size=30") == [
         "trainer.train_batch_size=30: must be divisible by actor.micro_batch_size x world size = 8 x 1 = 8 "
-        "(world size = trainer.nnodes x max(trainer.n_gpus_per_node, 1) = 1 x 1)"]
-    assert problems_for(files, "trainer.nnodes=2") == []  # 16 = 8 x 2
-    assert problems_for(files, "trainer.nnodes=3") == [
+        "(world size = trainer.cpu_workers = 1)"]
+    assert problems_for(files, "trainer.cpu_workers=2") == []  # 16 = 8 x 2
+    assert problems_for(files, "trainer.cpu_workers=3") == [
         "trainer.train_batch_size=16: must be divisible by actor.micro_batch_size x world size = 8 x 3 = 24 "
-        "(world size = trainer.nnodes x max(trainer.n_gpus_per_node, 1) = 3 x 1)"]
+        "(world size = trainer.cpu_workers = 3)"]
+    assert any("world size = trainer.nnodes x trainer.n_gpus_per_node = 3 x 1" in p for p in problems_for(
+        files, "trainer.nnodes=3", "trainer.n_gpus_per_node=1"))
 
 
 def test_nonpositive_batch_sizes_are_range_problems_not_crashes(files):

@@ -9,6 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from spinlm.core_algos import preference_loss
+from spinlm.workers.logprobs import ResponseLogProbs
 from spinlm.workers.dp_actor import DataParallelActor, LossSettings, Pairs, micro_batches
 from spinlm.workers.logprobs import chunked_token_logps, pack_sequences, packed_response_logps, padded_response_logps
 
@@ -186,8 +187,7 @@ def _pairs() -> Pairs:
 
 
 def _step(model, pairs, rc, rr, micro_batch_size: int, max_tokens: int | None = None):
-    actor = DataParallelActor(model, micro_batch_size=micro_batch_size, max_tokens_per_micro_batch=max_tokens,
-                              logprob_chunk_size=4)
+    actor = DataParallelActor(ResponseLogProbs(model, chunk=4), micro_batch_size=micro_batch_size, max_tokens_per_micro_batch=max_tokens)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     return actor.preference_step(pairs, rc, rr, LossSettings(beta=BETA), opt, grad_clip=1.0)
 
@@ -235,7 +235,7 @@ def test_preference_step_skips_non_finite_loss():
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     rc, rr = torch.full((8,), -5.0), torch.full((8,), -5.0)
     rc[3] = float("nan")
-    actor = DataParallelActor(model, micro_batch_size=2, max_tokens_per_micro_batch=None, logprob_chunk_size=4)
+    actor = DataParallelActor(ResponseLogProbs(model, chunk=4), micro_batch_size=2, max_tokens_per_micro_batch=None)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     m = actor.preference_step(pairs, rc, rr, LossSettings(beta=BETA), opt, grad_clip=1.0)
     assert m["train/step_skipped"] == 1.0
@@ -277,8 +277,7 @@ def test_preference_step_gradient_is_full_batch_mean(settings):
 
     for mbs, max_tokens in [(2, None), (8, None), (8, 36)]:
         model = copy.deepcopy(base)
-        actor = DataParallelActor(model, micro_batch_size=mbs, max_tokens_per_micro_batch=max_tokens,
-                                  logprob_chunk_size=4)
+        actor = DataParallelActor(ResponseLogProbs(model, chunk=4), micro_batch_size=mbs, max_tokens_per_micro_batch=max_tokens)
         m = actor.preference_step(pairs, rc, rr, settings, torch.optim.SGD(model.parameters(), lr=1.0), grad_clip=1e9)
         for name, p in model.named_parameters():
             torch.testing.assert_close(base.get_parameter(name) - p, expected[name], atol=1e-5, rtol=0, msg=name)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pyarrow.parquet as pq
@@ -162,13 +163,16 @@ SMALL = dict(n_train=40, n_val=10, n_sft=20, sft_steps=3, sft_batch_size=4,
              model_kwargs=dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64))
 
 
-def test_build_writes_a_complete_cached_task(tmp_path):
+def test_build_writes_a_complete_cached_task(tmp_path, capsys):
     out = build_tiny_task(tmp_path / "task", seed=5, **SMALL)
     assert out == (tmp_path / "task").resolve()
     names = {p.name for p in out.iterdir()}
     assert names == {"train.parquet", "val.parquet", "sft.parquet", "tokenizer", "init_model", "sft_model",
                      "build_info.json"}
     assert [p.name for p in tmp_path.iterdir()] == ["task"]  # no temporary folder left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # a normal folder, not a private temp dir
     train = pq.read_table(out / "train.parquet").to_pylist()
     val = pq.read_table(out / "val.parquet").to_pylist()
     sft = pq.read_table(out / "sft.parquet").to_pylist()
@@ -189,6 +193,9 @@ def test_build_writes_a_complete_cached_task(tmp_path):
     # Cached: a second call returns at once and leaves the build untouched.
     mtime = (out / "build_info.json").stat().st_mtime_ns
     assert build_tiny_task(out, seed=5, **SMALL) == out
+    assert "built with other" not in capsys.readouterr().out
+    assert build_tiny_task(out, seed=6, **SMALL) == out  # still cached, but says the seed differs
+    assert "it was built with other seed (use --force" in capsys.readouterr().out
     assert (out / "build_info.json").stat().st_mtime_ns == mtime
 
     # Deterministic: a forced rebuild gives the same data and the same SFT weights.

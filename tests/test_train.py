@@ -112,13 +112,14 @@ def test_opponent_refresh_is_an_in_place_copy(tiny_task, tmp_path):
     prompts, chosen = [it.prompt_ids for it in items], [it.response_ids for it in items]
     rejected = [it.response_ids[:-3] + [worker.tokenizer.eos_token_id] for it in items]
     opponent_storage = [p.data_ptr() for p in worker.opponent.parameters()]
+    assert worker.opponent is not worker.policy
 
     assert torch.equal(worker.sequence_logps(prompts, chosen), worker.sequence_logps(prompts, chosen, opponent=True))
     worker.start_schedule(10)
     ref_c = worker.sequence_logps(prompts, chosen, opponent=True)
     ref_r = worker.sequence_logps(prompts, rejected, opponent=True)
     for _ in range(2):  # warmup makes the first step's lr small; two steps move the policy
-        worker.update(Pairs(prompts, chosen, rejected), ref_c, ref_r, LossSettings(beta=0.1))
+        worker.update(Pairs(prompts, chosen, rejected), ref_c, ref_r, LossSettings(beta=0.1), global_pairs=len(prompts))
     after_policy = worker.sequence_logps(prompts, chosen)
     assert not torch.allclose(after_policy, worker.sequence_logps(prompts, chosen, opponent=True))
     worker.refresh_opponent()

@@ -12,7 +12,8 @@ from spinlm.data.example import DataError
 def require_chat_template(tokenizer, where: str) -> None:
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{where}: the tokenizer has no chat_template; spinlm renders prompts with it "
-                        "(set one in tokenizer_config.json)")
+                        "(add a chat_template.jinja beside tokenizer_config.json, or point model.tokenizer_path at a "
+                        "tokenizer that has one)")
 
 
 def encode_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:

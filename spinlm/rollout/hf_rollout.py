@@ -1,16 +1,35 @@
-"""The `hf` rollout engine: batched, KV-cached generation with transformers' `generate`.
+"""The `hf` rollout engine: batched, KV-cached sampling from a transformers causal LM with a decode loop of our own.
 
-Prompts are sorted by length so each batch pads little; left padding; each response is cut after its first EOS,
-so nothing after EOS is ever scored or trained on. Returned in the caller's order.
+Why not ``model.generate(num_return_sequences=n)``: it prefills every prompt n times and keeps decoding rows that
+have already emitted EOS (feeding them padding) until the longest row ends. Here each batch of prompts is prefilled
+once, its KV cache is repeated n times along the batch, and rows leave the batch (and the cache) as soon as they
+emit EOS, so later steps run on fewer rows.
+
+Everything else matches transformers' sampling: left padding with position ids from the attention mask,
+temperature, then top-k, then top-p (transformers' own logits warpers), multinomial sampling, or argmax when greedy.
+Prompts are sorted by length so each batch pads little; each response is cut after its first EOS (inclusive), so
+nothing after EOS is ever scored or trained on; results come back in the caller's order.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
-from spinlm.data.tokenize import cut_at_eos
+
+import os
+COMPACT_FRACTION = float(os.environ.get("CF", "0"))
+BUFFERED = os.environ.get("BUF", "0") == "1"
 
 
 @dataclass
@@ -19,8 +38,8 @@ class SamplingParams:
     max_new_tokens: int = 64
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = 0
-    greedy: bool = False
+    top_k: int = 0          # 0: off
+    greedy: bool = False    # argmax, one response per prompt; n, temperature, top_p and top_k are ignored
 
 
 @dataclass
@@ -32,40 +51,189 @@ class Rollout:
         return [r for rs in self.responses for r in rs], [e for es in self.ended for e in es]
 
 
+def check_params(params: SamplingParams) -> None:
+    """Reject settings transformers would reject (or silently misread) before any model work is done."""
+    if not isinstance(params.max_new_tokens, int) or params.max_new_tokens < 1:
+        raise ValueError(f"SamplingParams.max_new_tokens={params.max_new_tokens!r}: expected an integer >= 1")
+    if params.greedy:
+        return
+    if not isinstance(params.n, int) or params.n < 1:
+        raise ValueError(f"SamplingParams.n={params.n!r}: expected an integer >= 1 (samples per prompt)")
+    if not params.temperature > 0:
+        raise ValueError(f"SamplingParams.temperature={params.temperature!r}: expected > 0 (use greedy=True for argmax)")
+    if not 0 < params.top_p <= 1:
+        raise ValueError(f"SamplingParams.top_p={params.top_p!r}: expected 0 < top_p <= 1 (1: off)")
+    if not isinstance(params.top_k, int) or params.top_k < 0:
+        raise ValueError(f"SamplingParams.top_k={params.top_k!r}: expected an integer >= 0 (0: off)")
+
+
+def logits_warpers(params: SamplingParams) -> LogitsProcessorList:
+    """The warpers `model.generate(do_sample=True)` builds for these settings, in its order."""
+    warpers = LogitsProcessorList()
+    if params.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(params.temperature))
+    if params.top_k != 0:
+        warpers.append(TopKLogitsWarper(top_k=params.top_k, min_tokens_to_keep=1))
+    if params.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=params.top_p, min_tokens_to_keep=1))
+    return warpers
+
+
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], params: SamplingParams, *, pad_id: int, eos_ids: set[int],
              batch_size: int = 64, seed: int | None = None, desc: str = "generate", progress: bool = True) -> Rollout:
+    """Sample ``params.n`` responses per prompt (one when greedy). ``batch_size`` counts prompts, so a decode step
+    runs on at most ``batch_size * n`` rows. ``seed`` seeds a private generator (the global RNG is left alone)."""
+    check_params(params)
+    if batch_size < 1:
+        raise ValueError(f"generate: batch_size={batch_size!r}; expected >= 1 (prompts per batch)")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"generate: prompt {i} is empty; expected at least one token")
     device = next(model.parameters()).device
-    if seed is not None:
-        torch.manual_seed(seed)
+    rng = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    n = 1 if params.greedy else params.n
+    warpers = LogitsProcessorList() if params.greedy else logits_warpers(params)
+    eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
     was_training = model.training
     model.eval()
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     responses: list = [None] * len(prompts)
     ended: list = [None] * len(prompts)
-    n = 1 if params.greedy else params.n
-    sampling = {} if params.greedy else dict(
-        temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
-    for s in range(0, len(order), batch_size):
-        idx = order[s : s + batch_size]
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        attn = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
-            attn[row, width - len(prompts[i]) :] = 1
-        out = model.generate(
-            input_ids=ids.to(device), attention_mask=attn.to(device), max_new_tokens=params.max_new_tokens,
-            num_return_sequences=n, do_sample=not params.greedy, pad_token_id=pad_id, eos_token_id=sorted(eos_ids),
-            use_cache=True, **sampling,
-        )
-        new = out[:, width:].tolist()
-        for row, i in enumerate(idx):
-            cut = [cut_at_eos(t, eos_ids) for t in new[row * n : (row + 1) * n]]
-            responses[i] = [c[0] for c in cut]
-            ended[i] = [c[1] for c in cut]
-        bar.update(len(idx))
-    bar.close()
-    model.train(was_training)
+    try:
+        for s in range(0, len(order), batch_size):
+            idx = order[s : s + batch_size]
+            rows, lengths = _generate_batch(model, [prompts[i] for i in idx], n, params.max_new_tokens, warpers,
+                                            params.greedy, pad_id, eos, rng, device)
+            for j, i in enumerate(idx):
+                cut = range(j * n, (j + 1) * n)
+                responses[i] = [rows[r][: lengths[r]] for r in cut]
+                ended[i] = [lengths[r] > 0 and rows[r][lengths[r] - 1] in eos_ids for r in cut]
+            bar.update(len(idx))
+    finally:
+        bar.close()
+        model.train(was_training)
     return Rollout(responses, ended)
+
+
+class _BufferedLayer(DynamicLayer):
+    """A full-attention cache layer that writes into a preallocated buffer: a decode step copies only its new
+    key/value, where DynamicLayer concatenates (copies) the whole cache every step."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.device, self.is_initialized = key_states.device, True
+            cap = max(self.capacity, key_states.shape[-2])
+            self._k = key_states.new_empty((*key_states.shape[:2], cap, key_states.shape[-1]))
+            self._v = value_states.new_empty((*value_states.shape[:2], cap, value_states.shape[-1]))
+        end = self.length + key_states.shape[-2]
+        if end > self._k.shape[-2]:   # more tokens than planned: grow (by doubling) rather than fail
+            grow = max(end, 2 * self._k.shape[-2]) - self._k.shape[-2]
+            self._k = torch.cat([self._k, self._k.new_empty((*self._k.shape[:2], grow, self._k.shape[-1]))], dim=-2)
+            self._v = torch.cat([self._v, self._v.new_empty((*self._v.shape[:2], grow, self._v.shape[-1]))], dim=-2)
+        self._k[:, :, self.length : end] = key_states
+        self._v[:, :, self.length : end] = value_states
+        self.length = end
+        self._expose()
+        return self.keys, self.values
+
+    def _expose(self) -> None:
+        self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._k, self._v = self._k.repeat_interleave(repeats, dim=0), self._v.repeat_interleave(repeats, dim=0)
+            self._expose()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._k, self._v = self._k[indices], self._v[indices]
+            self._expose()
+
+
+def _new_cache(model, capacity: int) -> DynamicCache:
+    cache = DynamicCache(config=model.config)
+    if BUFFERED:
+        cache.layers = [_BufferedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+        if cache.layer_class_to_replicate is DynamicLayer:
+            cache.layer_class_to_replicate = lambda: _BufferedLayer(capacity)
+    return cache
+
+
+def _forward_kwargs(model, cache: DynamicCache) -> tuple[dict, dict]:
+    """Keyword arguments for (prefill, decode) forwards. transformers 5.2x renamed `past_key_values` to `cache`;
+    older 5.x releases only know the old name. `logits_to_keep=1`: the prefill needs the last position's logits only."""
+    params = inspect.signature(model.forward).parameters
+    name = "cache" if "cache" in params else "past_key_values"
+    prefill = {name: cache, "use_cache": True}
+    if "logits_to_keep" in params:
+        prefill["logits_to_keep"] = 1
+    return prefill, {name: cache, "use_cache": True}
+
+
+def _generate_batch(model, prompts: list[list[int]], n: int, max_new_tokens: int, warpers: LogitsProcessorList,
+                    greedy: bool, pad_id: int, eos: torch.Tensor, rng: torch.Generator | None,
+                    device: torch.device) -> tuple[list[list[int]], list[int]]:
+    """One left-padded batch. Returns the token rows (prompt-major, n per prompt) and each row's response length."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[row, width - len(p) :] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    # As transformers does for left padding: positions count real tokens only (pads get position 0, masked anyway).
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    cache = _new_cache(model, width + max_new_tokens)
+    prefill_kwargs, decode_kwargs = _forward_kwargs(model, cache)
+
+    # Prefill each prompt once; its n samples share the cache, expanded along the batch dimension.
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, **prefill_kwargs)
+    logits = out.logits[:, -1].float()
+    del out
+    next_pos = positions[:, -1] + 1
+    if n > 1:
+        cache.batch_repeat_interleave(n)
+        logits = logits.repeat_interleave(n, dim=0)
+        mask = mask.repeat_interleave(n, dim=0)
+        next_pos = next_pos.repeat_interleave(n, dim=0)
+
+    total = len(prompts) * n
+    tokens = torch.full((total, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    lengths = torch.full((total,), max_new_tokens, dtype=torch.long, device=device)
+    active = torch.arange(total, device=device)   # which output row each batch row writes to
+    finished = torch.zeros(total, dtype=torch.bool, device=device)  # ended, but not yet dropped from the batch
+    for step in range(max_new_tokens):
+        if greedy:
+            nxt = logits.argmax(dim=-1)
+        else:
+            probs = torch.softmax(warpers(None, logits), dim=-1)
+            nxt = torch.multinomial(probs, num_samples=1, generator=rng).squeeze(1)
+        tokens[active, step] = nxt   # rows already finished write past their length: cut off below
+        if step == max_new_tokens - 1:
+            break
+        done = torch.isin(nxt, eos) & ~finished
+        if bool(done.any()):
+            lengths[active[done]] = step + 1
+            finished |= done
+            dead = int(finished.sum())
+            if dead == len(active):
+                break
+            if dead >= max(1, COMPACT_FRACTION * len(active)):
+                # Finished rows leave the batch and the cache: later steps cost only what is still running.
+                keep = (~finished).nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                active, nxt, mask, next_pos, finished = active[keep], nxt[keep], mask[keep], next_pos[keep], finished[keep]
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                    **decode_kwargs)
+        logits = out.logits[:, -1].float()
+        del out
+        next_pos = next_pos + 1
+    return tokens.tolist(), lengths.tolist()

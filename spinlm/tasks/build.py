@@ -14,9 +14,10 @@ interrupted build is never mistaken for a complete one.
 from __future__ import annotations
 
 import json
+import os
 import shutil
-import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -71,21 +72,34 @@ def _build_into(tmp: Path, *, seed: int, n_train: int, n_val: int, n_sft: int, s
     })
     summary = run_sft_from_config(cfg)
     return {
-        "vocab_size": len(tokenizer), "n_params": n_params,
+        "tokenizer_size": len(tokenizer), "n_params": n_params,
         "sft": {"steps": sft_steps, "batch_size": sft_batch_size, "lr": sft_lr,
                 "final_loss": summary["final_loss"], "seconds": summary["seconds"],
                 "val_acc_before": summary["val/acc_before"], "val_acc_after": summary["val/acc_after"]},
     }
 
 
+def _sibling(out: Path, tag: str) -> Path:
+    """A fresh hidden folder beside ``out`` (same file system, so renames are atomic; normal permissions)."""
+    path = out.parent / f".{out.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    path.mkdir()
+    return path
+
+
 def build_tiny_task(out_dir: str | Path, *, seed: int = 0, force: bool = False, n_train: int = 2000,
                     n_val: int = 200, n_sft: int = 500, sft_steps: int = 300, sft_batch_size: int = 16,
-                    sft_lr: float = 1e-3, min_steps: int = 1, max_steps: int = 3, max_number: int = 50,
+                    sft_lr: float = 1e-3, min_steps: int = 1, max_steps: int = 3, max_number: int = 20,
                     vocab_size: int = 512, model_kwargs: dict[str, Any] | None = None) -> Path:
     """Build (or reuse) the tiny task in ``out_dir``; returns its path. Deterministic given the arguments."""
     out = Path(out_dir).expanduser().resolve()
+    settings = dict(seed=seed, n_train=n_train, n_val=n_val, n_sft=n_sft, sft_steps=sft_steps,
+                    sft_batch_size=sft_batch_size, sft_lr=sft_lr, min_steps=min_steps, max_steps=max_steps,
+                    max_number=max_number, vocab_size=vocab_size, model_kwargs=dict(model_kwargs or {}))
     if (out / INFO_FILE).is_file() and not force:
-        print(f"tiny task: complete build found at {out} (use --force to rebuild)")
+        recorded = json.loads((out / INFO_FILE).read_text())
+        differ = sorted(k for k, v in settings.items() if recorded.get(k) != v)
+        note = f"; it was built with other {', '.join(differ)}" if differ else ""
+        print(f"tiny task: complete build found at {out}{note} (use --force to rebuild)")
         return out
     if out.exists() and not (out / INFO_FILE).is_file() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out}: exists and is not a tiny-task build (no {INFO_FILE}); "
@@ -94,20 +108,17 @@ def build_tiny_task(out_dir: str | Path, *, seed: int = 0, force: bool = False, 
         raise ValueError(f"n_train={n_train}, n_val={n_val}, n_sft={n_sft}: expected 1 <= n_sft <= n_train "
                          "and n_val >= 1")
 
-    settings = dict(seed=seed, n_train=n_train, n_val=n_val, n_sft=n_sft, sft_steps=sft_steps,
-                    sft_batch_size=sft_batch_size, sft_lr=sft_lr, min_steps=min_steps, max_steps=max_steps,
-                    max_number=max_number, vocab_size=vocab_size, model_kwargs=dict(model_kwargs or {}))
     print(f"tiny task: building into {out} (seed {seed})")
     start = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    tmp = _sibling(out, "building")
     try:
         info = _build_into(tmp, **settings)
         info = {**settings, **info, "seconds": round(time.perf_counter() - start, 2)}
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
         old = None
         if out.exists():  # a previous complete build (force) or an empty folder: swap, then delete
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            old = _sibling(out, "old")
             out.rename(old / "build")
         tmp.rename(out)
     except BaseException:

@@ -5,24 +5,35 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from spinlm.core_algos import preference_loss
-from spinlm.workers.logprobs import pack_sequences, packed_response_logps
+from spinlm.workers.logprobs import pack_sequences
 
 
 @dataclass
 class Pairs:
-    """Token-level preference pairs: chosen and rejected responses to the same prompt."""
+    """Token-level preference pairs: chosen and rejected responses to the same prompt.
+
+    `weights` is 1 for a real pair and 0 for a padding copy (data parallel ranks must run the same number of
+    forwards, so a short rank is padded); None means all real.
+    """
 
     prompts: list[list[int]]
     chosen: list[list[int]]
     rejected: list[list[int]]
+    weights: list[float] | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
 
+    def weight_list(self) -> list[float]:
+        return self.weights if self.weights is not None else [1.0] * len(self)
+
     def select(self, idx: list[int]) -> "Pairs":
-        return Pairs([self.prompts[i] for i in idx], [self.chosen[i] for i in idx], [self.rejected[i] for i in idx])
+        w = self.weight_list()
+        return Pairs([self.prompts[i] for i in idx], [self.chosen[i] for i in idx], [self.rejected[i] for i in idx],
+                     [w[i] for i in idx])
 
 
 @dataclass
@@ -50,57 +61,60 @@ def micro_batches(lengths: list[int], *, max_items: int, max_tokens: int | None)
 
 
 class DataParallelActor:
-    """Computes response log-probs and applies preference updates to `model` (plain or FSDP2-sharded)."""
+    """Computes response log-probs and applies preference updates on one rank.
 
-    def __init__(self, model, *, micro_batch_size: int, max_tokens_per_micro_batch: int | None, logprob_chunk_size: int,
-                 block_mask: bool = True):
-        self.model = model
+    `module` is a ResponseLogProbs (plain, or the FSDP2 root when sharded); other modules of the same shape (the
+    opponent) can be passed to sequence_logps.
+    """
+
+    def __init__(self, module, *, micro_batch_size: int, max_tokens_per_micro_batch: int | None, block_mask: bool = True):
+        self.module = module
         self.micro_batch_size = micro_batch_size
         self.max_tokens = max_tokens_per_micro_batch
-        self.chunk = logprob_chunk_size
         self.block_mask = block_mask
 
     @property
     def device(self):
-        return next(self.model.parameters()).device
+        return next(self.module.parameters()).device
 
-    def _logps(self, model, prompts, responses):
-        batch = pack_sequences(prompts, responses, self.device, block_mask=self.block_mask)
-        return packed_response_logps(model, batch, chunk=self.chunk)
+    def _logps(self, module, prompts, responses):
+        return module(pack_sequences(prompts, responses, self.device, block_mask=self.block_mask))
 
     @torch.no_grad()
-    def sequence_logps(self, prompts: list[list[int]], responses: list[list[int]], model=None) -> torch.Tensor:
-        """SUM of response-token log-probs for each (prompt, response), under `model` (default: the policy). fp32, CPU."""
-        model = model if model is not None else self.model
-        was_training = model.training
-        model.eval()
+    def sequence_logps(self, prompts: list[list[int]], responses: list[list[int]], module=None) -> torch.Tensor:
+        """SUM of response-token log-probs for each (prompt, response) under `module` (default: the policy). fp32, CPU."""
+        module = module if module is not None else self.module
+        was_training = module.training
+        module.eval()
         # two sequences per pair in training, so a log-prob pass fits twice micro_batch_size sequences
         lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
         out = torch.empty(len(prompts), dtype=torch.float32)
         for idx in micro_batches(lengths, max_items=2 * self.micro_batch_size, max_tokens=self.max_tokens):
-            logps, _ = self._logps(model, [prompts[i] for i in idx], [responses[i] for i in idx])
+            logps, _ = self._logps(module, [prompts[i] for i in idx], [responses[i] for i in idx])
             out[idx] = logps.float().cpu()
-        model.train(was_training)
+        module.train(was_training)
         return out
 
     def preference_step(self, pairs: Pairs, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, loss: LossSettings,
-                        optimizer, *, grad_clip: float, global_pairs: int | None = None) -> dict[str, float]:
+                        optimizer, *, grad_clip: float, loss_denominator: float | None = None) -> dict[str, float]:
         """One optimizer step over `pairs` (split into micro-batches, gradients accumulated).
 
-        Each micro-batch packs its chosen and rejected sequences into ONE forward. The loss is the mean over the
-        global batch (global_pairs, for data parallelism), so accumulation gives exactly the full-batch gradient.
+        Each micro-batch packs its chosen and rejected sequences into ONE forward. Each pair's loss is divided by
+        loss_denominator (default: the number of pairs here; under data parallelism, global pairs / world size, since
+        FSDP averages gradients over ranks), so accumulation gives exactly the full-batch mean's gradient.
         A step whose loss or gradient norm is not finite is skipped (no parameter changes) and reported.
         """
-        global_pairs = global_pairs or len(pairs)
-        self.model.train()
+        loss_denominator = loss_denominator or len(pairs)
+        self.module.train()
         optimizer.zero_grad(set_to_none=True)
         sums = dict.fromkeys(["loss", "pc", "pr", "rc", "rr", "acc", "sft_nll"], 0.0)
         tokens = 0
         lengths = [len(p) * 2 + len(c) + len(r) for p, c, r in zip(pairs.prompts, pairs.chosen, pairs.rejected)]
         for idx in micro_batches(lengths, max_items=self.micro_batch_size, max_tokens=self.max_tokens):
             mb = pairs.select(idx)
-            logps, lens = self._logps(self.model, mb.prompts + mb.prompts, mb.chosen + mb.rejected)
+            logps, lens = self._logps(self.module, mb.prompts + mb.prompts, mb.chosen + mb.rejected)
             k = len(idx)
+            w = torch.tensor(mb.weights, dtype=logps.dtype, device=logps.device)
             lens = lens.to(logps.dtype)
             pc, pr = logps[:k], logps[k:]
             rc, rr = ref_chosen[idx].to(logps.device), ref_rejected[idx].to(logps.device)
@@ -109,23 +123,25 @@ class DataParallelActor:
             losses = preference_loss(pc, pr, rc, rr, beta=loss.beta, loss_type=loss.loss_type,
                                      label_smoothing=loss.label_smoothing, dpop_lambda=loss.dpop_lambda)
             sft_nll = -logps[:k] / lens[:k]  # mean NLL per token of the chosen response
-            total = losses.sum() + loss.sft_weight * sft_nll.sum()
-            (total / global_pairs).backward()
+            total = (w * losses).sum() + loss.sft_weight * (w * sft_nll).sum()
+            (total / loss_denominator).backward()
             with torch.no_grad():
                 sums["loss"] += total.item()
-                sums["pc"] += pc.sum().item()
-                sums["pr"] += pr.sum().item()
-                sums["rc"] += rc.sum().item()
-                sums["rr"] += rr.sum().item()
-                sums["acc"] += ((pc - rc) > (pr - rr)).float().sum().item()
-                sums["sft_nll"] += sft_nll.sum().item()
+                sums["pc"] += (w * pc).sum().item()
+                sums["pr"] += (w * pr).sum().item()
+                sums["rc"] += (w * rc).sum().item()
+                sums["rr"] += (w * rr).sum().item()
+                sums["acc"] += (w * ((pc - rc) > (pr - rr)).float()).sum().item()
+                sums["sft_nll"] += (w * sft_nll).sum().item()
             tokens += int(lens.sum().item()) + 2 * sum(len(p) for p in mb.prompts)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), grad_clip)
+        if isinstance(grad_norm, DTensor):  # FSDP2: the norm over all shards
+            grad_norm = grad_norm.full_tensor()
         finite = math.isfinite(sums["loss"]) and bool(torch.isfinite(grad_norm))
         if finite:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        n = len(pairs)
+        n = max(sum(pairs.weight_list()), 1.0)
         b = loss.beta
         return {
             "loss": sums["loss"] / n,
@@ -141,4 +157,5 @@ class DataParallelActor:
             "train/grad_norm": float(grad_norm),
             "train/step_skipped": 0.0 if finite else 1.0,
             "train/tokens": float(tokens),
+            "train/pairs": float(sum(pairs.weight_list())),
         }

@@ -1,32 +1,44 @@
-"""The worker: one per device. Holds the policy (and, when needed, the frozen opponent), the optimizer and the
+"""The worker: one per rank. Holds the policy (and, when needed, the frozen opponent), the optimizer and the
 rollout engine; the trainer only sends it token ids and receives numbers back.
 
-The opponent is resident only when it must be: in mode spin the opponent IS the policy at the start of the round,
-so its log-probs for every pair are computed before the first update and kept as numbers (one model in memory).
-In online_dpo the opponent lags the policy by up to `ref_update_every` steps, so a frozen copy is kept and
-refreshed by an in-place parameter copy.
+With more than one rank (torch.distributed initialised) the policy is sharded with FSDP2: `fully_shard` on every
+decoder layer, then on the root (a ResponseLogProbs wrapper, so the lm-head and embeddings are unsharded by the
+root's own forward). The opponent is resident only when it must be: in mode spin the opponent IS the policy at the
+start of the round, so its log-probs are computed before the first update and kept as numbers (one model in
+memory). In online_dpo the opponent lags the policy by up to `ref_update_every` steps, so a frozen copy is kept,
+sharded the same way, and refreshed by an in-place copy of the local shards.
 """
 from __future__ import annotations
 
-import copy
 import math
+import os
+import resource
 import warnings
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from spinlm.crash_points import crash_point
-from spinlm.evaluate import eos_ids_of, evaluate_accuracy
+from spinlm.evaluate import eos_ids_of
 from spinlm.rollout.hf_rollout import Rollout, SamplingParams, generate
 from spinlm.workers.dp_actor import DataParallelActor, LossSettings, Pairs
+from spinlm.workers.logprobs import ResponseLogProbs, pack_sequences
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+OPTIM_DIR = "optimizer"  # torch.distributed.checkpoint folder inside a checkpoint (sharded; reshards on load)
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(f"cuda:{local_rank}") if name == "cuda" else torch.device(name)
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
@@ -37,13 +49,31 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 
 def load_model(path: str, *, dtype: str, attn_implementation: str, device, trust_remote_code: bool = False):
+    # with bf16 mixed precision under FSDP2 the master weights stay fp32; FSDP casts for compute
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=DTYPES[dtype], attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
     return model.to(device)
 
 
-def build_optimizer(model, actor_cfg) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+def decoder_layers(model) -> torch.nn.ModuleList:
+    base = model.base_model
+    for name in ("layers", "h", "blocks"):  # Llama/Qwen/Mistral, GPT-2, others
+        if isinstance(getattr(base, name, None), torch.nn.ModuleList):
+            return getattr(base, name)
+    raise ValueError(f"{type(model).__name__}: cannot find its decoder layers (looked for layers, h, blocks)")
+
+
+def shard(wrapper: ResponseLogProbs, mixed_precision: bool) -> None:
+    """FSDP2, as torchtitan applies it: each decoder layer, then the root."""
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else None
+    kwargs = {"mp_policy": mp} if mp else {}
+    for layer in decoder_layers(wrapper.model):
+        fully_shard(layer, **kwargs)
+    fully_shard(wrapper, **kwargs)
+
+
+def build_optimizer(params, actor_cfg) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
     if actor_cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=actor_cfg.lr, betas=tuple(actor_cfg.betas), eps=actor_cfg.eps,
                                  weight_decay=actor_cfg.weight_decay)
@@ -71,65 +101,98 @@ def build_scheduler(optimizer, kind: str, total_steps: int, warmup_ratio: float)
 class PolicyWorker:
     def __init__(self, cfg, model_path: str, *, keep_opponent: bool):
         self.cfg = cfg
-        self.device = pick_device(cfg.trainer.device)
-        tok_path = cfg.model.tokenizer_path or model_path
-        self.tokenizer = load_tokenizer(tok_path, cfg.model.trust_remote_code)
-        self.model = load_model(model_path, dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation,
-                                device=self.device, trust_remote_code=cfg.model.trust_remote_code)
-        if cfg.model.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
-        self.opponent = self._frozen_copy() if keep_opponent else None
-        self.actor = DataParallelActor(
-            self.model, micro_batch_size=cfg.actor.micro_batch_size,
-            max_tokens_per_micro_batch=cfg.actor.max_tokens_per_micro_batch,
-            logprob_chunk_size=cfg.actor.logprob_chunk_size,
-            block_mask=cfg.model.attn_implementation != "flash_attention_2")
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world_size = dist.get_world_size() if self.distributed else 1
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.device = pick_device(cfg.trainer.device, local_rank)
+        self.tokenizer = load_tokenizer(cfg.model.tokenizer_path or model_path, cfg.model.trust_remote_code)
+        self.eos_ids: set[int] = set()
+        self.policy = self._load(model_path)
+        self.opponent = self._load(model_path, frozen=True) if keep_opponent else None
+        self.model = self.policy.model  # the Hugging Face model inside
         self.eos_ids = eos_ids_of(self.tokenizer, self.model)
+        self.actor = DataParallelActor(
+            self.policy, micro_batch_size=cfg.actor.micro_batch_size,
+            max_tokens_per_micro_batch=cfg.actor.max_tokens_per_micro_batch,
+            block_mask=cfg.model.attn_implementation != "flash_attention_2")
         self.optimizer = None
         self.scheduler = None
 
-    # ---- the opponent -------------------------------------------------------------------------------------------
-    def _frozen_copy(self):
-        opponent = copy.deepcopy(self.model)
-        opponent.requires_grad_(False)
-        return opponent.eval()
+    def _load(self, path: str, frozen: bool = False) -> ResponseLogProbs:
+        c = self.cfg.model
+        model = load_model(path, dtype="float32" if self.distributed and c.dtype == "bfloat16" else c.dtype,
+                           attn_implementation=c.attn_implementation, device=self.device,
+                           trust_remote_code=c.trust_remote_code)
+        if c.gradient_checkpointing and not frozen:
+            model.gradient_checkpointing_enable()
+        wrapper = ResponseLogProbs(model, chunk=self.cfg.actor.logprob_chunk_size)
+        if frozen:
+            wrapper.requires_grad_(False).eval()
+        if self.distributed:
+            shard(wrapper, mixed_precision=c.dtype == "bfloat16")
+            self._first_forward(wrapper)
+        return wrapper
 
     @torch.no_grad()
+    def _first_forward(self, wrapper) -> None:
+        """FSDP2 takes the module of the first forward as its root; make sure that is the wrapper, on every rank."""
+        tok = self.tokenizer.eos_token_id
+        wrapper(pack_sequences([[tok]], [[tok]], self.device))
+
+    # ---- the opponent -------------------------------------------------------------------------------------------
+    @torch.no_grad()
     def refresh_opponent(self) -> None:
-        """opponent := policy, parameter by parameter in place (no disk, no reallocation)."""
-        for p_opp, p in zip(self.opponent.parameters(), self.model.parameters()):
+        """opponent := policy, parameter by parameter in place (local shards under FSDP2; no disk, no reallocation)."""
+        for p_opp, p in zip(self.opponent.parameters(), self.policy.parameters()):
             p_opp.copy_(p)
-        for b_opp, b in zip(self.opponent.buffers(), self.model.buffers()):
+        for b_opp, b in zip(self.opponent.buffers(), self.policy.buffers()):
             b_opp.copy_(b)
 
     # ---- rollout and log-probs --------------------------------------------------------------------------------------
+    @contextmanager
+    def gathered(self):
+        """Sharded: unshard every FSDP module once, so that generation runs locally with no collectives (ranks
+        generate different numbers of tokens); reshard afterwards."""
+        fsdp_modules = [m for m in self.policy.modules() if isinstance(m, FSDPModule)]
+        for m in fsdp_modules:
+            m.set_reshard_after_forward(False, recurse=False)
+            m.unshard()
+        try:
+            yield
+        finally:
+            for m in fsdp_modules:
+                m.reshard()
+                m.set_reshard_after_forward(True, recurse=False)
+
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int, desc: str = "generate") -> Rollout:
-        rollout = generate(self.model, prompts, params, pad_id=self.tokenizer.pad_token_id, eos_ids=self.eos_ids,
-                           batch_size=self.cfg.rollout.batch_size, seed=seed, desc=desc)
+        with self.gathered():
+            rollout = generate(self.model, prompts, params, pad_id=self.tokenizer.pad_token_id, eos_ids=self.eos_ids,
+                               batch_size=self.cfg.rollout.batch_size, seed=seed + 7919 * self.rank, desc=desc,
+                               progress=self.rank == 0)
         crash_point("generate")
         return rollout
 
     def sequence_logps(self, prompts, responses, *, opponent: bool = False) -> torch.Tensor:
-        model = self.opponent if opponent else self.model
-        if opponent and model is None:
+        if opponent and self.opponent is None:
             raise RuntimeError("sequence_logps(opponent=True) but no resident opponent (mode spin keeps numbers, not a copy)")
-        return self.actor.sequence_logps(prompts, responses, model=model)
-
-    def evaluate(self, items, reward_fn) -> dict[str, float]:
-        return evaluate_accuracy(self.model, self.tokenizer, items, reward_fn,
-                                 max_new_tokens=self.cfg.data.max_response_length, batch_size=self.cfg.rollout.batch_size)
+        return self.actor.sequence_logps(prompts, responses, module=self.opponent if opponent else self.policy)
 
     # ---- training -----------------------------------------------------------------------------------------------
     def start_schedule(self, total_steps: int) -> None:
         """A fresh optimizer and warmup + decay schedule over total_steps."""
         a = self.cfg.actor
-        self.optimizer = build_optimizer(self.model, a)
+        self.optimizer = build_optimizer(self.policy.parameters(), a)
         self.scheduler = build_scheduler(self.optimizer, a.lr_scheduler, total_steps, a.warmup_ratio)
 
-    def update(self, pairs: Pairs, ref_chosen, ref_rejected, loss: LossSettings) -> dict[str, float]:
+    def has_schedule(self) -> bool:
+        return self.optimizer is not None
+
+    def update(self, pairs: Pairs, ref_chosen, ref_rejected, loss: LossSettings, global_pairs: int) -> dict[str, float]:
         lr = self.scheduler.get_last_lr()[0]
         metrics = self.actor.preference_step(pairs, ref_chosen, ref_rejected, loss, self.optimizer,
-                                             grad_clip=self.cfg.actor.grad_clip)
+                                             grad_clip=self.cfg.actor.grad_clip,
+                                             loss_denominator=global_pairs / self.world_size)
         self.scheduler.step()
         metrics["train/lr"] = lr
         return metrics
@@ -143,22 +206,34 @@ class PolicyWorker:
     def peak_memory_bytes(self) -> int:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device)
-        import resource
-
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
     # ---- state ----------------------------------------------------------------------------------------------------
-    def save_pretrained(self, path) -> None:
-        self.model.save_pretrained(path, safe_serialization=True)
-        self.tokenizer.save_pretrained(path)
-        self.model.generation_config.save_pretrained(path)
+    def save(self, path: str, with_optimizer: bool) -> None:
+        """The Hugging Face export (gathered, written by rank 0) and, if asked, the sharded optimizer state (online_dpo
+        carries it across rounds; spin starts each round with a fresh one, so it is not saved)."""
+        path = Path(path)
+        if self.distributed:
+            full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.rank == 0:
+            kwargs = {"state_dict": full} if self.distributed else {}
+            self.model.save_pretrained(path, safe_serialization=True, **kwargs)
+            self.tokenizer.save_pretrained(path)
+            self.model.generation_config.save_pretrained(path)
+        if with_optimizer and self.optimizer is not None:
+            state = {"optimizer": get_optimizer_state_dict(self.policy, self.optimizer),
+                     "scheduler": self.scheduler.state_dict()}
+            dcp.save(state, checkpoint_id=str(path / OPTIM_DIR), no_dist=not self.distributed)
+        if self.distributed:
+            dist.barrier()
 
-    def training_state(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict() if self.optimizer else None,
-                "scheduler": self.scheduler.state_dict() if self.scheduler else None}
-
-    def load_training_state(self, state: dict, total_steps: int) -> None:
-        if state.get("optimizer") is not None:
-            self.start_schedule(total_steps)
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
+    def load_optimizer(self, path: str, total_steps: int) -> None:
+        folder = Path(path) / OPTIM_DIR
+        if not folder.exists():
+            return
+        self.start_schedule(total_steps)
+        state = {"optimizer": get_optimizer_state_dict(self.policy, self.optimizer),
+                 "scheduler": self.scheduler.state_dict()}
+        dcp.load(state, checkpoint_id=str(folder), no_dist=not self.distributed)
+        set_optimizer_state_dict(self.policy, self.optimizer, state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])

@@ -152,6 +152,22 @@ def packed_response_logps(model, batch: PackedBatch, *, chunk: int = 1024) -> tu
     return segment_sum(token_logps, batch.segment, batch.num_sequences), batch.response_lengths()
 
 
+class ResponseLogProbs(torch.nn.Module):
+    """The causal LM with the packed, chunked log-prob path as its forward.
+
+    Under FSDP2 this wrapper is the root module: calling it unshards the embedding, final norm and lm-head, and
+    reduce-scatters their gradients after backward, exactly as calling the model itself would.
+    """
+
+    def __init__(self, model, chunk: int = 1024):
+        super().__init__()
+        self.model = model
+        self.chunk = chunk
+
+    def forward(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        return packed_response_logps(self.model, batch, chunk=self.chunk)
+
+
 def padded_response_logps(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int, device) -> torch.Tensor:
     """The plain baseline: right-padded batch, full [batch, seq, vocab] logits, log_softmax, gather. For tests and
     benchmarks; the trainer uses the packed path."""

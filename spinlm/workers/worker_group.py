@@ -1,0 +1,242 @@
+"""Worker groups: the trainer's one handle on the ranks, in-process (world size 1) or Ray actors (N ranks).
+
+The driver splits work and gathers results: prompts across ranks for rollout, sequences for log-prob passes, pairs
+for the update (each rank's loss divided by global pairs / world size, since FSDP averages gradients). Ranks must
+run the same number of forwards (FSDP all-gathers in each), so a short rank gets zero-weight padding copies.
+"""
+from __future__ import annotations
+
+import math
+import os
+import socket
+import tempfile
+from pathlib import Path
+
+import torch
+
+from spinlm.errors import UserError
+from spinlm.rollout.hf_rollout import Rollout
+from spinlm.workers.dp_actor import LossSettings, Pairs
+
+MEAN_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                "logps/rejected", "logps/ref_chosen", "logps/ref_rejected", "train/sft_nll")
+
+
+def world_size_of(cfg) -> int:
+    t = cfg.trainer
+    return t.nnodes * t.n_gpus_per_node if t.n_gpus_per_node > 0 else t.cpu_workers
+
+
+def even_chunks(n: int, world: int) -> list[range]:
+    per = math.ceil(n / world) if n else 0
+    return [range(min(r * per, n), min((r + 1) * per, n)) for r in range(world)]
+
+
+def padded_split(items: list, world: int) -> tuple[list[list], list[int]]:
+    """Split into `world` equal-length chunks, padding short ones with copies of items[0]; returns chunks and the
+    number of real items in each."""
+    chunks, real = [], []
+    per = math.ceil(len(items) / world)
+    for r in range(world):
+        part = items[r * per : (r + 1) * per]
+        real.append(len(part))
+        chunks.append(part + [items[0]] * (per - len(part)))
+    return chunks, real
+
+
+def combine_metrics(per_rank: list[dict]) -> dict:
+    """Means weighted by each rank's real pairs; counts summed; the rest (grad norm, lr, skipped) agree across ranks."""
+    pairs = [m["train/pairs"] for m in per_rank]
+    total = sum(pairs)
+    out = dict(per_rank[0])
+    for k in MEAN_METRICS:
+        out[k] = sum(m[k] * p for m, p in zip(per_rank, pairs)) / max(total, 1.0)
+    out["train/pairs"] = total
+    out["train/tokens"] = sum(m["train/tokens"] for m in per_rank)
+    return out
+
+
+class LocalWorkerGroup:
+    """One in-process worker: the default, no Ray needed."""
+
+    world_size = 1
+
+    def __init__(self, cfg, model_path: str, *, keep_opponent: bool):
+        from spinlm.workers.fsdp_workers import PolicyWorker
+
+        self.worker = PolicyWorker(cfg, model_path, keep_opponent=keep_opponent)
+
+    def _call(self, method: str, *args, **kwargs):
+        return getattr(self.worker, method)(*args, **kwargs)
+
+    def _each(self, method: str, per_rank_args: list[tuple], **kwargs) -> list:
+        return [self._call(method, *per_rank_args[0], **kwargs)]
+
+    def _all(self, method: str, *args, **kwargs) -> list:
+        return [self._call(method, *args, **kwargs)]
+
+    # ---- what the trainer calls (identical for every group) -------------------------------------------------------
+    def generate(self, prompts, params, seed: int, desc: str = "generate") -> Rollout:
+        parts = [(prompts[c.start : c.stop],) for c in even_chunks(len(prompts), self.world_size)]
+        outs = self._each("generate", parts, params=params, seed=seed, desc=desc)
+        return Rollout(sum((o.responses for o in outs), []), sum((o.ended for o in outs), []))
+
+    def sequence_logps(self, prompts, responses, *, opponent: bool = False) -> torch.Tensor:
+        chunks, real = padded_split(list(zip(prompts, responses)), self.world_size)
+        outs = self._each("sequence_logps", [([p for p, _ in c], [r for _, r in c]) for c in chunks], opponent=opponent)
+        return torch.cat([o[:n] for o, n in zip(outs, real)])
+
+    def update(self, pairs: Pairs, ref_chosen, ref_rejected, loss: LossSettings) -> dict:
+        idx_chunks, real = padded_split(list(range(len(pairs))), self.world_size)
+        args = []
+        for idx, n in zip(idx_chunks, real):
+            part = pairs.select(idx)
+            part.weights = [1.0] * n + [0.0] * (len(idx) - n)
+            args.append((part, ref_chosen[idx], ref_rejected[idx], loss))
+        return combine_metrics(self._each("update", args, global_pairs=len(pairs)))
+
+    def start_schedule(self, total_steps: int) -> None:
+        self._all("start_schedule", total_steps)
+
+    def has_schedule(self) -> bool:
+        return self._all("has_schedule")[0]
+
+    def skip_step(self) -> None:
+        self._all("skip_step")
+
+    def refresh_opponent(self) -> None:
+        self._all("refresh_opponent")
+
+    def save(self, path, with_optimizer: bool) -> None:
+        self._all("save", str(path), with_optimizer)
+
+    def load_optimizer(self, path, total_steps: int) -> None:
+        self._all("load_optimizer", str(path), total_steps)
+
+    def peak_memory_bytes(self) -> int:
+        return max(self._all("peak_memory_bytes"))
+
+    def shutdown(self) -> None:
+        """Nothing to stop in-process."""
+
+
+class RankActor:
+    """One torch.distributed rank inside a Ray actor, holding a PolicyWorker."""
+
+    def __init__(self, cfg_container: dict, model_path: str, keep_opponent: bool, rank: int, world_size: int,
+                 master_addr: str, master_port: int, env: dict):
+        import torch.distributed as dist
+        from omegaconf import OmegaConf
+
+        from spinlm.workers.fsdp_workers import PolicyWorker
+
+        os.environ.update({**env, "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port), "RANK": str(rank),
+                           "WORLD_SIZE": str(world_size), "LOCAL_RANK": "0"})  # Ray pins one GPU per actor
+        cfg = OmegaConf.create(cfg_container)
+        if cfg.trainer.threads:
+            torch.set_num_threads(cfg.trainer.threads)
+        backend = "nccl" if torch.cuda.is_available() and cfg.trainer.n_gpus_per_node > 0 else "gloo"
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        torch.manual_seed(cfg.trainer.seed)
+        self.worker = PolicyWorker(cfg, model_path, keep_opponent=keep_opponent)
+
+    def call(self, method: str, *args, **kwargs):
+        return getattr(self.worker, method)(*args, **kwargs)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RayWorkerGroup(LocalWorkerGroup):
+    """N Ray actors, one torch.distributed rank each (gloo on CPU, NCCL on GPU), FSDP2-sharded."""
+
+    def __init__(self, cfg, model_path: str, *, keep_opponent: bool, run_dir: Path):
+        import ray
+        from omegaconf import OmegaConf
+
+        self.ray = ray
+        self.world_size = world_size_of(cfg)
+        self.started_ray = False
+        if not ray.is_initialized():
+            if cfg.ray.address:
+                ray.init(address=cfg.ray.address, log_to_driver=True)
+            else:
+                ray.init(num_cpus=max(os.cpu_count() or 1, self.world_size), _temp_dir=self._temp_dir(run_dir),
+                         include_dashboard=False, log_to_driver=True)
+            self.started_ray = True
+        try:
+            self._check_resources(cfg)
+            use_gpu = cfg.trainer.n_gpus_per_node > 0
+            addr = "127.0.0.1" if not cfg.ray.address else ray.util.get_node_ip_address()
+            port = _free_port()
+            env = {k: v for k, v in os.environ.items() if k.startswith("SPINLM_")}
+            remote = ray.remote(RankActor).options(num_cpus=1 if not use_gpu else 1, num_gpus=1 if use_gpu else 0)
+            container = OmegaConf.to_container(cfg, resolve=True)
+            self.actors = [remote.remote(container, model_path, keep_opponent, r, self.world_size, addr, port,
+                                         {**env, "SPINLM_RANK": str(r)})
+                           for r in range(self.world_size)]
+            self._all("has_schedule")  # wait until every rank has joined the group and loaded the model
+        except BaseException:
+            self.shutdown()
+            raise
+
+    @staticmethod
+    def _temp_dir(run_dir: Path) -> str:
+        # Ray puts unix sockets under its temp dir, and socket paths must stay under ~107 bytes
+        wanted = Path(run_dir).resolve() / "ray"
+        if len(str(wanted)) <= 40:
+            wanted.mkdir(parents=True, exist_ok=True)
+            return str(wanted)
+        return tempfile.mkdtemp(prefix="spinlm-ray-")
+
+    def _check_resources(self, cfg) -> None:
+        have = self.ray.cluster_resources()
+        need_gpu = self.world_size if cfg.trainer.n_gpus_per_node > 0 else 0
+        need_cpu = 0 if need_gpu else self.world_size
+        if need_gpu > have.get("GPU", 0):
+            raise UserError(f"trainer.nnodes x trainer.n_gpus_per_node = {need_gpu} GPUs requested, but the Ray cluster "
+                            f"has {int(have.get('GPU', 0))}")
+        if need_cpu > have.get("CPU", 0):
+            raise UserError(f"trainer.cpu_workers={need_cpu} CPU ranks requested, but the Ray cluster has "
+                            f"{int(have.get('CPU', 0))} CPUs")
+
+    def _gather(self, refs: list) -> list:
+        out = []
+        for rank, ref in enumerate(refs):
+            try:
+                out.append(self.ray.get(ref))
+            except self.ray.exceptions.RayActorError as exc:
+                raise UserError(f"rank {rank} (Ray actor) died: {exc.__class__.__name__}; the run stops here, the last "
+                                "complete checkpoint is kept. The rank's own traceback is in the Ray worker log") from exc
+        return out
+
+    def _each(self, method: str, per_rank_args: list[tuple], **kwargs) -> list:
+        return self._gather([a.call.remote(method, *args, **kwargs) for a, args in zip(self.actors, per_rank_args)])
+
+    def _all(self, method: str, *args, **kwargs) -> list:
+        return self._gather([a.call.remote(method, *args, **kwargs) for a in self.actors])
+
+    def shutdown(self) -> None:
+        for a in getattr(self, "actors", []):
+            self.ray.kill(a)
+        self.actors = []
+        if self.started_ray and self.ray.is_initialized():
+            self.ray.shutdown()
+
+
+def make_worker_group(cfg, model_path: str, *, keep_opponent: bool, run_dir: Path):
+    launcher = cfg.trainer.launcher
+    if launcher == "auto":
+        launcher = "ray" if world_size_of(cfg) > 1 else "local"
+    if launcher == "local":
+        if world_size_of(cfg) > 1:
+            raise UserError(f"trainer.launcher=local runs one rank, but {world_size_of(cfg)} were requested "
+                            "(trainer.cpu_workers / trainer.nnodes x trainer.n_gpus_per_node); use trainer.launcher=ray")
+        return LocalWorkerGroup(cfg, model_path, keep_opponent=keep_opponent)
+    return RayWorkerGroup(cfg, model_path, keep_opponent=keep_opponent, run_dir=run_dir)
