@@ -1,7 +1,7 @@
 """Deterministic crash points for the kill -9 tests.
 
-SPINLM_KILL_AT=<point>:<n> makes the process SIGKILL itself the n-th time it reaches <point> (generate, update,
-checkpoint_write), so a test can kill a run exactly mid-generation, mid-update or mid-checkpoint and check that the
+SPINLM_KILL_AT=<point>:<n> makes the process SIGKILL itself the n-th time it reaches <point> (generate, eval,
+update, checkpoint_write), so a test can kill a run exactly mid-generation, mid-update or mid-checkpoint and check that the
 resumed run loses nothing; with SPINLM_KILL_RANK=<r> only Ray rank r dies. Unset (always, outside those tests) it costs one environment lookup.
 """
 from __future__ import annotations

@@ -25,7 +25,6 @@ from tqdm.auto import tqdm
 
 from spinlm.checkpoint import save_checkpoint
 from spinlm.core_algos import apply_missing_eos_penalty, pair_by_reward
-from spinlm.crash_points import crash_point
 from spinlm.errors import UserError
 from spinlm.evaluate import accuracy_metrics
 from spinlm.rewards import score_samples
@@ -206,7 +205,6 @@ class SpinTrainer:
     # ---- shared pieces --------------------------------------------------------------------------------------------------
     def train_step(self, t: int, pairs: Pairs, ref_chosen, ref_rejected) -> dict:
         metrics = self.workers.update(pairs, ref_chosen, ref_rejected, self.loss_settings(t))
-        crash_point("update")
         self.state.global_step += 1
         skipped = metrics.pop("train/step_skipped") > 0
         self.state.skipped_steps += skipped

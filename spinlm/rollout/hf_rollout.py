@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     TemperatureLogitsWarper,
@@ -27,9 +26,9 @@ from transformers.generation.logits_process import (
 )
 
 
-import os
-COMPACT_FRACTION = float(os.environ.get("CF", "0"))
-BUFFERED = os.environ.get("BUF", "0") == "1"
+# Finished rows are dropped from the batch (and its KV cache) once they are this fraction of it. Dropping copies the
+# whole cache, so doing it at every EOS costs more than decoding a few finished rows for a few more steps.
+COMPACT_FRACTION = 0.125
 
 
 @dataclass
@@ -117,55 +116,6 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, *, pad_id:
     return Rollout(responses, ended)
 
 
-class _BufferedLayer(DynamicLayer):
-    """A full-attention cache layer that writes into a preallocated buffer: a decode step copies only its new
-    key/value, where DynamicLayer concatenates (copies) the whole cache every step."""
-
-    def __init__(self, capacity: int):
-        super().__init__()
-        self.capacity = capacity
-        self.length = 0
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.device, self.is_initialized = key_states.device, True
-            cap = max(self.capacity, key_states.shape[-2])
-            self._k = key_states.new_empty((*key_states.shape[:2], cap, key_states.shape[-1]))
-            self._v = value_states.new_empty((*value_states.shape[:2], cap, value_states.shape[-1]))
-        end = self.length + key_states.shape[-2]
-        if end > self._k.shape[-2]:   # more tokens than planned: grow (by doubling) rather than fail
-            grow = max(end, 2 * self._k.shape[-2]) - self._k.shape[-2]
-            self._k = torch.cat([self._k, self._k.new_empty((*self._k.shape[:2], grow, self._k.shape[-1]))], dim=-2)
-            self._v = torch.cat([self._v, self._v.new_empty((*self._v.shape[:2], grow, self._v.shape[-1]))], dim=-2)
-        self._k[:, :, self.length : end] = key_states
-        self._v[:, :, self.length : end] = value_states
-        self.length = end
-        self._expose()
-        return self.keys, self.values
-
-    def _expose(self) -> None:
-        self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized:
-            self._k, self._v = self._k.repeat_interleave(repeats, dim=0), self._v.repeat_interleave(repeats, dim=0)
-            self._expose()
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.is_initialized:
-            self._k, self._v = self._k[indices], self._v[indices]
-            self._expose()
-
-
-def _new_cache(model, capacity: int) -> DynamicCache:
-    cache = DynamicCache(config=model.config)
-    if BUFFERED:
-        cache.layers = [_BufferedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
-        if cache.layer_class_to_replicate is DynamicLayer:
-            cache.layer_class_to_replicate = lambda: _BufferedLayer(capacity)
-    return cache
-
-
 def _forward_kwargs(model, cache: DynamicCache) -> tuple[dict, dict]:
     """Keyword arguments for (prefill, decode) forwards. transformers 5.2x renamed `past_key_values` to `cache`;
     older 5.x releases only know the old name. `logits_to_keep=1`: the prefill needs the last position's logits only."""
@@ -190,7 +140,7 @@ def _generate_batch(model, prompts: list[list[int]], n: int, max_new_tokens: int
     ids, mask = ids.to(device), mask.to(device)
     # As transformers does for left padding: positions count real tokens only (pads get position 0, masked anyway).
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    cache = _new_cache(model, width + max_new_tokens)
+    cache = DynamicCache(config=model.config)
     prefill_kwargs, decode_kwargs = _forward_kwargs(model, cache)
 
     # Prefill each prompt once; its n samples share the cache, expanded along the batch dimension.

@@ -72,6 +72,15 @@ def shard(wrapper: ResponseLogProbs, mixed_precision: bool) -> None:
     fully_shard(wrapper, **kwargs)
 
 
+def reshard(module) -> None:
+    """FSDP2 leaves the root unsharded after a forward (backward would need it at once); after a no-grad forward
+    nothing reshards it, and then parameters() would hand out the unsharded tensors: the optimizer, the opponent
+    refresh and the state dict must all see the sharded ones."""
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def build_optimizer(params, actor_cfg) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
     if actor_cfg.optimizer == "adamw":
@@ -139,6 +148,7 @@ class PolicyWorker:
         """FSDP2 takes the module of the first forward as its root; make sure that is the wrapper, on every rank."""
         tok = self.tokenizer.eos_token_id
         wrapper(pack_sequences([[tok]], [[tok]], self.device))
+        reshard(wrapper)
 
     # ---- the opponent -------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -170,13 +180,17 @@ class PolicyWorker:
             rollout = generate(self.model, prompts, params, pad_id=self.tokenizer.pad_token_id, eos_ids=self.eos_ids,
                                batch_size=self.cfg.rollout.batch_size, seed=seed + 7919 * self.rank, desc=desc,
                                progress=self.rank == 0)
-        crash_point("generate")
+        crash_point("eval" if params.greedy else "generate")
         return rollout
 
     def sequence_logps(self, prompts, responses, *, opponent: bool = False) -> torch.Tensor:
         if opponent and self.opponent is None:
             raise RuntimeError("sequence_logps(opponent=True) but no resident opponent (mode spin keeps numbers, not a copy)")
-        return self.actor.sequence_logps(prompts, responses, module=self.opponent if opponent else self.policy)
+        module = self.opponent if opponent else self.policy
+        logps = self.actor.sequence_logps(prompts, responses, module=module)
+        if self.distributed:
+            reshard(module)
+        return logps
 
     # ---- training -----------------------------------------------------------------------------------------------
     def start_schedule(self, total_steps: int) -> None:
@@ -194,6 +208,7 @@ class PolicyWorker:
                                              grad_clip=self.cfg.actor.grad_clip,
                                              loss_denominator=global_pairs / self.world_size)
         self.scheduler.step()
+        crash_point("update")
         metrics["train/lr"] = lr
         return metrics
 
@@ -215,6 +230,9 @@ class PolicyWorker:
         path = Path(path)
         if self.distributed:
             full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if getattr(self.model.config, "tie_word_embeddings", False):  # saved once, as the input embedding
+                head = next(n for n, m in self.model.named_modules() if m is self.model.get_output_embeddings())
+                full.pop(f"{head}.weight", None)
         if self.rank == 0:
             kwargs = {"state_dict": full} if self.distributed else {}
             self.model.save_pretrained(path, safe_serialization=True, **kwargs)

@@ -166,7 +166,8 @@ class RayWorkerGroup(LocalWorkerGroup):
         if not ray.is_initialized():
             if cfg.ray.address:
                 ray.init(address=cfg.ray.address, log_to_driver=True)
-            else:
+            else:  # a private local cluster on loopback: no token auth files in the home directory
+                os.environ.setdefault("RAY_AUTH_MODE", "disabled")
                 ray.init(num_cpus=max(os.cpu_count() or 1, self.world_size), _temp_dir=self._temp_dir(run_dir),
                          include_dashboard=False, log_to_driver=True)
             self.started_ray = True
@@ -207,14 +208,21 @@ class RayWorkerGroup(LocalWorkerGroup):
                             f"{int(have.get('CPU', 0))} CPUs")
 
     def _gather(self, refs: list) -> list:
-        out = []
-        for rank, ref in enumerate(refs):
+        """Results in rank order. Waits on whichever rank finishes first, so a dead rank is reported at once even
+        while the others still wait for it inside a collective."""
+        pending = {ref: rank for rank, ref in enumerate(refs)}
+        results: dict[int, object] = {}
+        while pending:
+            (ref,), _ = self.ray.wait(list(pending), num_returns=1)
+            rank = pending.pop(ref)
             try:
-                out.append(self.ray.get(ref))
+                results[rank] = self.ray.get(ref)
             except self.ray.exceptions.RayActorError as exc:
-                raise UserError(f"rank {rank} (Ray actor) died: {exc.__class__.__name__}; the run stops here, the last "
-                                "complete checkpoint is kept. The rank's own traceback is in the Ray worker log") from exc
-        return out
+                raise UserError(f"rank {rank} (Ray actor) died ({exc.__class__.__name__}); the run stops here and the last "
+                                "complete checkpoint is kept. The rank's own log is in the Ray session logs") from exc
+            except self.ray.exceptions.RayTaskError as exc:
+                raise UserError(f"rank {rank} failed:\n{exc}") from exc
+        return [results[r] for r in range(len(refs))]
 
     def _each(self, method: str, per_rank_args: list[tuple], **kwargs) -> list:
         return self._gather([a.call.remote(method, *args, **kwargs) for a, args in zip(self.actors, per_rank_args)])
