@@ -5,10 +5,13 @@ Both sides get the same prompts (sorted by length, left-padded, one batch of 64)
 per second, counting only real tokens (each sample cut after its first EOS). Runs are interleaved (the side that goes
 first alternates), so load from other jobs on the machine hits both sides alike; medians are reported.
 
-Random weights: to make response lengths vary as they do in self-play, EOS is a set of vocab // 24 token ids, so a
-sample ends with probability about 1/24 per step (the random model's next-token distribution is close to uniform).
+Random weights: to make response lengths vary as they do in self-play, EOS is a set of token ids, a fraction
+--stop-prob of the vocabulary, so a sample ends with about that probability per step (the random model's next-token
+distribution is close to uniform); the default 1/24 gives a mean length near 24 of 64. --stop-prob 0: no EOS, every
+sample runs to max_new_tokens (what is left is the shared prefill alone).
 
     .venv/bin/python benchmarks/bench_rollout.py [--models tiny large] [--runs 5] [--n 4] [--max-new-tokens 64]
+                                                 [--stop-prob 0.0417] [--threads T]
 """
 from __future__ import annotations
 
@@ -39,7 +42,9 @@ SHAPES = {
 def build(shape: str) -> LlamaForCausalLM:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = LlamaForCausalLM(LlamaConfig(max_position_embeddings=256, pad_token_id=PAD, **SHAPES[shape]))
+        model = LlamaForCausalLM(LlamaConfig(max_position_embeddings=256, pad_token_id=PAD, bos_token_id=None,
+                                             eos_token_id=None, **SHAPES[shape]))
+    model.generation_config.eos_token_id = None   # the EOS set is passed explicitly to both sides
     return model.eval()
 
 
@@ -60,7 +65,7 @@ def plain_generate(model, prompts, n: int, max_new_tokens: int, eos_ids: set[int
         mask[row, width - len(prompts[i]) :] = 1
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, num_return_sequences=n,
                          do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=PAD,
-                         eos_token_id=sorted(eos_ids), use_cache=True)
+                         eos_token_id=sorted(eos_ids) or None, use_cache=True)
     return [cut_at_eos(row, eos_ids)[0] for row in out[:, width:].tolist()]
 
 
@@ -81,7 +86,7 @@ def timed(fn) -> tuple[float, float, list[list[int]]]:
 def bench(shape: str, args) -> None:
     model = build(shape)
     vocab = model.config.vocab_size
-    eos_ids = set(range(1, 1 + vocab // 24))
+    eos_ids = set(range(1, 1 + round(vocab * args.stop_prob)))
     prompts = make_prompts(vocab, args.prompts, seed=1)
     params = sum(p.numel() for p in model.parameters())
     print(f"\n## {shape}: {params / 1e6:.1f}M parameters, vocab {vocab}, hidden {model.config.hidden_size}, "
@@ -133,9 +138,15 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--n", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--stop-prob", type=float, default=1 / 24, help="fraction of the vocabulary that is EOS")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = p.parse_args()
     if args.runs < 1:
         p.error(f"--runs {args.runs}: expected >= 1")
+    if not 0 <= args.stop_prob < 1:
+        p.error(f"--stop-prob {args.stop_prob}: expected 0 <= p < 1")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, python "
           f"{platform.python_version()}, load average {os.getloadavg()[0]:.1f}")

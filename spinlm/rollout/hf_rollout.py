@@ -2,8 +2,8 @@
 
 Why not ``model.generate(num_return_sequences=n)``: it prefills every prompt n times and keeps decoding rows that
 have already emitted EOS (feeding them padding) until the longest row ends. Here each batch of prompts is prefilled
-once, its KV cache is repeated n times along the batch, and rows leave the batch (and the cache) as soon as they
-emit EOS, so later steps run on fewer rows.
+once, its KV cache is repeated n times along the batch, and rows that have emitted EOS leave the batch (and the
+cache) once they are an eighth of it, so later steps run on fewer rows.
 
 Everything else matches transformers' sampling: left padding with position ids from the attention mask,
 temperature, then top-k, then top-p (transformers' own logits warpers), multinomial sampling, or argmax when greedy.

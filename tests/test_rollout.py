@@ -1,0 +1,218 @@
+"""The `hf` rollout engine against transformers' own `generate` and against sampling theory.
+
+Tiny random fp32 models (Llama with grouped-query attention; Qwen2 with q/k/v biases and one sliding-window layer).
+Greedy decoding has one right answer, which `model.generate(do_sample=False)` gives; the EOS set is picked from a
+free-running greedy pass so that some rows really end early (and leave the batch) while others run to the limit.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from spinlm.data.tokenize import cut_at_eos
+from spinlm.rollout.hf_rollout import Rollout, SamplingParams, generate
+
+PAD = 0
+VOCAB = 128
+PROMPT_LENGTHS = [3, 9, 5, 12, 7, 1, 10, 4, 6, 2, 11, 8, 3, 12, 5, 9]
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              intermediate_size=128, max_position_embeddings=256, pad_token_id=PAD, bos_token_id=None,
+              eos_token_id=None, initializer_range=0.2)  # a wide init: varied, peaked next-token distributions
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Models this small gain nothing from a second thread, and on a busy machine thread barriers stall."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _build(kind: str):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if kind == "llama":
+            model = LlamaForCausalLM(LlamaConfig(**COMMON))
+        else:   # layer 0 full attention, layer 1 a 4-token sliding window: both cache layer types get dropped rows
+            model = Qwen2ForCausalLM(Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=4,
+                                                 max_window_layers=1))
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = PAD
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def model(request):
+    return _build(request.param)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return _build("llama")
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in PROMPT_LENGTHS]
+
+
+def plain_generate(model, prompts, *, max_new_tokens: int, eos: set[int] | None, **kw) -> list[list[int]]:
+    """transformers' generate on one left-padded batch, rows cut after the first EOS (all rows when eos is None)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), PAD)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p) :] = torch.tensor(p)
+        mask[row, width - len(p) :] = 1
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=PAD,
+                         eos_token_id=sorted(eos) if eos else None, **kw)
+    new = out[:, width:].tolist()
+    return new if eos is None else [cut_at_eos(r, eos)[0] for r in new]
+
+
+def early_eos(free: list[list[int]]) -> set[int]:
+    """EOS ids that end some rows early: the commonest token of the first 8 steps, plus row 0's 5th token."""
+    return {Counter(t for r in free for t in r[:8]).most_common(1)[0][0], free[0][4]}
+
+
+def greedy(model, prompts, max_new_tokens, eos, batch_size=64) -> Rollout:
+    return generate(model, prompts, SamplingParams(max_new_tokens=max_new_tokens, greedy=True), pad_id=PAD,
+                    eos_ids=eos, batch_size=batch_size, progress=False)
+
+
+@pytest.mark.parametrize("batch_size", [16, 3])   # one batch (rows dropped two at a time), or six batches
+def test_greedy_equals_transformers_generate(model, prompts, batch_size):
+    max_new = 12
+    free = plain_generate(model, prompts, max_new_tokens=max_new, eos=None, do_sample=False)
+    eos = early_eos(free)
+    expected = [cut_at_eos(r, eos)[0] for r in free]
+    ends = sorted({len(r) for r in expected if len(r) < max_new})
+    # The setup must really exercise row dropping: rows end at two or more different steps, others run on.
+    assert len(ends) >= 2 and any(len(r) == max_new for r in expected), (eos, expected)
+    reference = plain_generate(model, prompts, max_new_tokens=max_new, eos=eos, do_sample=False)
+    assert reference == expected   # transformers agrees that stopping a row does not change the others
+
+    out = greedy(model, prompts, max_new, eos, batch_size=batch_size)
+    assert [r[0] for r in out.responses] == expected   # caller's order, even across several length-sorted batches
+    assert [e[0] for e in out.ended] == [r[-1] in eos for r in expected]
+    assert all(len(rs) == 1 and len(es) == 1 for rs, es in zip(out.responses, out.ended))
+
+
+def test_greedy_ignores_n(llama, prompts):
+    out = generate(llama, prompts, SamplingParams(n=4, max_new_tokens=5, greedy=True), pad_id=PAD, eos_ids=set(),
+                   progress=False)
+    assert [len(r) for r in out.responses] == [1] * len(prompts)
+
+
+def test_max_new_tokens_and_ended_flags(llama, prompts):
+    free = plain_generate(llama, prompts, max_new_tokens=12, eos=None, do_sample=False)
+    # No EOS at all: every response is exactly max_new_tokens long and not ended.
+    out = greedy(llama, prompts, 7, set())
+    assert [r[0] for r in out.responses] == [r[:7] for r in free]
+    assert [e[0] for e in out.ended] == [False] * len(prompts)
+    # An EOS first emitted exactly at the last allowed step: full length, and ended.
+    row, step = next((r, k) for r in range(len(free)) for k in range(2, 12) if free[r][k] not in free[r][:k])
+    out = greedy(llama, prompts, step + 1, {free[row][step]})
+    assert out.responses[row][0] == free[row][: step + 1] and out.ended[row] == [True]
+    for r, (resp, ended) in enumerate(zip(out.responses, out.ended)):
+        assert len(resp[0]) <= step + 1
+        assert ended[0] == (resp[0][-1] == free[row][step])
+
+
+def sample(model, prompts, seed, **kw) -> Rollout:
+    params = SamplingParams(**{"n": 4, "max_new_tokens": 10, **kw})
+    return generate(model, prompts, params, pad_id=PAD, eos_ids={3, 5, 7}, batch_size=3, seed=seed, progress=False)
+
+
+def test_sampling_n_reproducible_and_leaves_global_rng_alone(model, prompts):
+    state = torch.get_rng_state()
+    a = sample(model, prompts, seed=11)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert len(a.responses) == len(prompts) and all(len(rs) == 4 and len(es) == 4 for rs, es in zip(a.responses, a.ended))
+    for rs, es in zip(a.responses, a.ended):
+        for r, e in zip(rs, es):
+            assert 1 <= len(r) <= 10 and e == (r[-1] in {3, 5, 7})
+            assert not set(r[:-1]) & {3, 5, 7}   # cut after the first EOS
+    assert sample(model, prompts, seed=11) == a
+    b = sample(model, prompts, seed=12)
+    assert b != a
+    # Samples of one prompt differ from each other (one shared prefill, independent draws after it).
+    assert all(len({tuple(r) for r in rs}) > 1 for rs in a.responses)
+
+
+def test_top_k_1_samples_equal_greedy(model, prompts):
+    expected = [r[0] for r in greedy(model, prompts, 10, {3, 5, 7}).responses]
+    out = sample(model, prompts, seed=5, top_k=1, temperature=0.7, top_p=0.9)
+    assert out.responses == [[e] * 4 for e in expected]
+
+
+def first_token_frequencies(model, prompt, count, **kw) -> torch.Tensor:
+    out = generate(model, [prompt], SamplingParams(n=count, max_new_tokens=1, **kw), pad_id=PAD, eos_ids=set(),
+                   seed=0, progress=False)
+    tokens = torch.tensor([r[0] for r in out.responses[0]])
+    return torch.bincount(tokens, minlength=VOCAB).double() / count
+
+
+@pytest.fixture(scope="module")
+def next_token_probs(llama, prompts) -> torch.Tensor:
+    with torch.no_grad():
+        logits = llama(input_ids=torch.tensor([prompts[1]])).logits[0, -1].double()
+    return logits
+
+
+def test_first_token_distribution_matches_softmax(llama, prompts, next_token_probs):
+    logits = next_token_probs
+    p1, p_half = logits.softmax(-1), (logits / 0.5).softmax(-1)
+    # Peaked enough that ignoring the temperature (or sampling uniformly) would fail the 0.03 tolerance.
+    assert (p1 - p_half).abs().max() > 0.1 and p1.max() > 0.1
+    count = 8000   # sampling error of a frequency is at most 0.5 / sqrt(8000) = 0.0056 (one standard deviation)
+    assert (first_token_frequencies(llama, prompts[1], count) - p1).abs().max() < 0.03
+    assert (first_token_frequencies(llama, prompts[1], count, temperature=0.5) - p_half).abs().max() < 0.03
+
+
+def test_top_k_and_top_p_follow_transformers_definitions(llama, prompts, next_token_probs):
+    p = next_token_probs.softmax(-1)
+    # top-k: the k likeliest tokens, renormalised.
+    top3 = p.topk(3).indices
+    expected = torch.zeros_like(p)
+    expected[top3] = p[top3] / p[top3].sum()
+    freq = first_token_frequencies(llama, prompts[1], 8000, top_k=3)
+    assert set(freq.nonzero().flatten().tolist()) <= set(top3.tolist())
+    assert (freq - expected).abs().max() < 0.03
+    # top-p: drop the tokens whose ascending cumulative probability is <= 1 - top_p, renormalise the rest.
+    sorted_p, order = p.sort()
+    kept = order[sorted_p.cumsum(0) > 1 - 0.6]
+    assert 2 <= len(kept) < VOCAB // 2
+    expected = torch.zeros_like(p)
+    expected[kept] = p[kept] / p[kept].sum()
+    freq = first_token_frequencies(llama, prompts[1], 8000, top_p=0.6)
+    assert set(freq.nonzero().flatten().tolist()) <= set(kept.tolist())
+    assert (freq - expected).abs().max() < 0.03
+
+
+def test_restores_training_mode(llama, prompts):
+    llama.train()
+    try:
+        greedy(llama, prompts[:2], 2, set())
+        assert llama.training
+    finally:
+        llama.eval()
+
+
+@pytest.mark.parametrize("bad, field", [
+    (dict(n=0), "n="), (dict(max_new_tokens=0), "max_new_tokens="), (dict(temperature=0.0), "temperature="),
+    (dict(top_p=0.0), "top_p="), (dict(top_p=1.5), "top_p="), (dict(top_k=-1), "top_k="),
+])
+def test_bad_sampling_params_are_named(llama, prompts, bad, field):
+    with pytest.raises(ValueError, match=f"SamplingParams.{field}"):
+        generate(llama, prompts, SamplingParams(**bad), pad_id=PAD, eos_ids={3}, progress=False)
+
+
+def test_empty_prompt_is_named(llama, prompts):
+    with pytest.raises(ValueError, match="prompt 2 is empty"):
+        generate(llama, [prompts[0], prompts[1], []], SamplingParams(), pad_id=PAD, eos_ids={3}, progress=False)
