@@ -81,6 +81,7 @@ class SpinTrainer:
             self.state.table.append({"round": "start", **_row(start, {})})
         for t in range(self.state.next_round, cfg.trainer.rounds):
             self.timings = {}
+            self.counts = {"rollout_tokens": 0, "update_tokens": 0}
             round_start = time.perf_counter()
             train_metrics = self.spin_round(t) if self.mode == "spin" else self.online_dpo_round(t)
             val = self.evaluate() if self.val_items else {}
@@ -89,7 +90,9 @@ class SpinTrainer:
                 self.save(t)
             summary = {**val, **{f"time/{k}": v for k, v in self.timings.items()},
                        "time/round": time.perf_counter() - round_start,
-                       "perf/peak_memory_gb": self.workers.peak_memory_bytes() / 2**30}
+                       "perf/peak_memory_gb": self.workers.peak_memory_bytes() / 2**30,
+                       "perf/rollout_tokens_per_s": self.counts["rollout_tokens"] / max(self.timings.get("generate", 0), 1e-9),
+                       "perf/update_tokens_per_s": self.counts["update_tokens"] / max(self.timings.get("update", 0), 1e-9)}
             self.tracker.log(summary, round=t + 1, step=self.state.global_step, kind="val")
             self.state.table.append({"round": t + 1, **_row(val, train_metrics), "time_s": summary["time/round"]})
             self.save_table_only(t)
@@ -107,9 +110,7 @@ class SpinTrainer:
                                 [it.example.origin for it in items], [None] * len(items), [None] * len(items))
             rollout_metrics = {"rollout/given_pairs": float(len(items))}
         else:
-            with self.timer("generate"):
-                rollout = self.workers.generate([it.prompt_ids for it in items], self.sampling(n=1),
-                                               seed=self.seed_for(t, 0), desc=f"round {t + 1} generate")
+            rollout = self.rollout(items, self.sampling(n=1), self.seed_for(t, 0), f"round {t + 1} generate")
             with self.timer("judge"):
                 judged, rollout_metrics = self.judge_against_ground_truth(items, rollout)
         self.write_pairs(t, judged)
@@ -161,9 +162,8 @@ class SpinTrainer:
         last: dict = {}
         for _ in tqdm(range(steps), desc=f"round {t + 1} steps", leave=False):
             items = self.step_items(self.state.global_step)
-            with self.timer("generate"):
-                rollout = self.workers.generate([it.prompt_ids for it in items], self.sampling(n=cfg.rollout.n),
-                                               seed=self.seed_for(t, self.state.global_step), desc="generate")
+            rollout = self.rollout(items, self.sampling(n=cfg.rollout.n), self.seed_for(t, self.state.global_step),
+                                   "generate")
             with self.timer("judge"):
                 judged, rollout_metrics = self.judge_by_reward(items, rollout)
             all_pairs.append(judged)
@@ -203,8 +203,15 @@ class SpinTrainer:
         return judged, metrics
 
     # ---- shared pieces --------------------------------------------------------------------------------------------------
+    def rollout(self, items, sampling: SamplingParams, seed: int, desc: str):
+        with self.timer("generate"):
+            rollout = self.workers.generate([it.prompt_ids for it in items], sampling, seed=seed, desc=desc)
+        self.counts["rollout_tokens"] += sum(len(r) for rs in rollout.responses for r in rs)
+        return rollout
+
     def train_step(self, t: int, pairs: Pairs, ref_chosen, ref_rejected) -> dict:
         metrics = self.workers.update(pairs, ref_chosen, ref_rejected, self.loss_settings(t))
+        self.counts["update_tokens"] += metrics["train/tokens"]
         self.state.global_step += 1
         skipped = metrics.pop("train/step_skipped") > 0
         self.state.skipped_steps += skipped

@@ -123,3 +123,15 @@ def test_beta_per_round_is_used_per_round(tiny_task, tmp_path):
         ratio = r["logps/chosen"] - r["logps/ref_chosen"]
         if abs(ratio) > 1e-3:
             assert r["rewards/chosen"] == pytest.approx((0.5 if r["round"] == 1 else 2.0) * ratio, rel=1e-4)
+
+
+def test_non_finite_steps_stop_the_run_and_keep_the_last_checkpoint(tiny_task, tmp_path):
+    from spinlm.spin_trainer import NonFiniteError
+
+    run_dir = tmp_path / "run"
+    # round 2's beta makes exp(-beta * h) overflow as soon as the policy moves: loss and gradients are inf / nan
+    with pytest.raises(NonFiniteError, match=r"round 2, step \d+: 1 steps in a row had a non-finite loss"):
+        run(smoke(tmp_path, "algorithm.loss_type=exponential", "algorithm.beta=[0.5,1e38]", "trainer.max_bad_steps=0"))
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "1"
+    bad = [r for r in metrics(run_dir) if r["kind"] == "train" and r["round"] == 2][-1]
+    assert bad["train/skipped_steps"] == 1
