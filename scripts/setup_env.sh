@@ -8,6 +8,6 @@ if [ ! -f "$VENV/.spinlm-ready" ]; then
   echo "setting up $VENV (first run only, about 2 minutes)..."
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install --quiet --disable-pip-version-check ${SPINLM_TORCH:-torch==2.13.0}
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check -e ".[test]"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check -e ".[test,ray]"
   touch "$VENV/.spinlm-ready"
 fi

@@ -149,7 +149,7 @@ class SpinTrainer:
                    "rollout/pairs": float(len(keep))}
         if not keep:
             raise UserError(f"round: every one of {len(items)} samples equals its ground truth; nothing to learn from "
-                               "(set algorithm.drop_identical_pairs=false to train on them anyway)")
+                            "(set algorithm.drop_identical_pairs=false to train on them anyway)")
         return judged, metrics
 
     # ---- mode online_dpo: n samples per prompt, best vs worst by reward -----------------------------------------------

@@ -135,3 +135,24 @@ def test_non_finite_steps_stop_the_run_and_keep_the_last_checkpoint(tiny_task, t
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "1"
     bad = [r for r in metrics(run_dir) if r["kind"] == "train" and r["round"] == 2][-1]
     assert bad["train/skipped_steps"] == 1
+
+
+@pytest.mark.parametrize("drop", [True, False])
+def test_a_sample_equal_to_the_ground_truth_is_never_a_rejected_response(tiny_task, tmp_path, drop):
+    from spinlm.rewards import get_reward_fn
+    from spinlm.rollout.hf_rollout import Rollout
+    from spinlm.spin_trainer import SpinTrainer, TrainerState
+    from spinlm.workers.fsdp_workers import load_tokenizer
+
+    cfg = resolved(smoke(tmp_path, f"algorithm.drop_identical_pairs={str(drop).lower()}"))
+    tok = load_tokenizer(cfg.model.path)
+    items = load_items(cfg, tok, cfg.data.train_files, need_response=True)[0][:3]
+    eos = tok.eos_token_id
+    samples = [items[0].response_ids, tok("#### 0", add_special_tokens=False)["input_ids"] + [eos], [eos]]
+    trainer = SpinTrainer(cfg, None, tok, items, [], get_reward_fn(cfg.reward), tmp_path, None, TrainerState())
+    judged, m = trainer.judge_against_ground_truth(items, Rollout([[s] for s in samples], [[True]] * 3))
+    kept = [1, 2] if drop else [0, 1, 2]
+    assert judged.pairs.rejected == [samples[i] for i in kept]
+    assert judged.pairs.chosen == [items[i].response_ids for i in kept]
+    assert m["rollout/identical_dropped"] == (1 if drop else 0)
+    assert m["rollout/reward_mean"] == pytest.approx(1 / 3)  # the copy of the ground truth is right, the others not
