@@ -24,6 +24,9 @@ VARIANTS = {
     "SPIN + SFT term (beta 0.1, sft_weight 1)": ["algorithm.beta=0.1", "algorithm.dpop_lambda=0", "algorithm.sft_weight=1.0"],
     "SPIN + DPOP (beta 1, lambda 5)": ["algorithm.beta=1.0", "algorithm.dpop_lambda=5.0", "algorithm.sft_weight=0"],
     "SPIN + DPOP + SFT term": ["algorithm.beta=1.0", "algorithm.dpop_lambda=5.0", "algorithm.sft_weight=1.0"],
+    "SPIN + DPOP, lr 2e-4": ["algorithm.beta=1.0", "algorithm.dpop_lambda=5.0", "algorithm.sft_weight=0", "actor.lr=2e-4"],
+    "SPIN + DPOP + SFT term, lr 2e-4": ["algorithm.beta=1.0", "algorithm.dpop_lambda=5.0", "algorithm.sft_weight=1.0",
+                                        "actor.lr=2e-4"],
 }
 
 
@@ -38,24 +41,28 @@ def run_variant(overrides: list[str], seed: int, out_dir: Path) -> list[float]:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), help="names of VARIANTS to run (default: all)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "demo_settings.md"))
+    p.add_argument("--append", action="store_true", help="add this run's table to --out instead of replacing it")
     args = p.parse_args()
     subprocess.run([sys.executable, "-m", "spinlm.cli", "task", "build"], check=True, cwd=REPO, capture_output=True)
     start = time.time()
     table = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, overrides in VARIANTS.items():
+        for name in args.variants:
+            overrides = VARIANTS[name]
             accs = [run_variant(overrides, s, Path(tmp) / f"{len(table)}-{s}") for s in args.seeds]
             table[name] = accs
             means = [statistics.mean(a[r] for a in accs) for r in range(len(accs[0]))]
             print(f"{name}: " + " / ".join(f"{100 * m:.1f}" for m in means), flush=True)
+    variants = " ".join(f"'{v}'" for v in args.variants)
     lines = [
-        "# Demo settings on the tiny task",
-        "",
-        f"`python benchmarks/demo_settings.py --seeds {' '.join(map(str, args.seeds))}` on {platform.machine()}, "
+        "" if args.append else "# Demo settings on the tiny task\n",
+        f"`python benchmarks/demo_settings.py --seeds {' '.join(map(str, args.seeds))} --variants {variants}` on "
+        f"{platform.machine()}, "
         f"{platform.python_version()}; {time.time() - start:.0f} s in all. Greedy val exact match (%) on 200 held-out "
         "prompts, mean +- std over seeds; round 0 is the SFT warm start. `preset=tiny`: 512 prompts per round, "
-        "batch 32, AdamW lr 5e-5, history_rounds 1, 3 rounds.",
+        "batch 32, AdamW lr 5e-5 unless the variant says otherwise, history_rounds 1, 3 rounds.",
         "",
         "| variant | start | round 1 | round 2 | round 3 |",
         "|---|---|---|---|---|",
@@ -68,7 +75,8 @@ def main() -> None:
             cells.append(f"{statistics.mean(vals):.1f} +- {sd:.1f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
+    old = Path(args.out).read_text() if args.append and Path(args.out).exists() else ""
+    Path(args.out).write_text(old + "\n".join(lines) + "\n")
     print(f"wrote {args.out}")
 
 

@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     for name, fn, text in [
-        ("train", _cmd_train, "run SPIN / online-DPO rounds (in-process, CPU or one GPU)"),
+        ("train", _cmd_train, "run SPIN / online-DPO rounds (in-process, or Ray + FSDP2 ranks)"),
         ("sft", _cmd_sft, "supervised fine-tuning with a response-only loss (the warm start)"),
     ]:
         p = sub.add_parser(name, help=text, description=text)
