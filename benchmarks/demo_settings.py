@@ -20,10 +20,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {
-    "SPIN, paper beta 0.1": ["algorithm.beta=0.1", "algorithm.dpop_lambda=0", "algorithm.sft_weight=0"],
-    "SPIN + SFT term (beta 0.1, sft_weight 1)": ["algorithm.beta=0.1", "algorithm.dpop_lambda=0", "algorithm.sft_weight=1.0"],
-    "SPIN + DPOP (beta 1, lambda 5)": ["algorithm.beta=1.0", "algorithm.dpop_lambda=5.0", "algorithm.sft_weight=0"],
-    "SPIN + DPOP + SFT term": ["algorithm.beta=1.0", "algorithm.dpop_lambda=5.0", "algorithm.sft_weight=1.0"],
+    "SPIN, paper beta 0.1": ["algorithm.beta=0.1", "algorithm.dpop_lambda=0", "algorithm.sft_weight=0",
+        "actor.lr=5e-5"],
+    "SPIN + SFT term (beta 0.1, sft_weight 1)": ["algorithm.beta=0.1", "algorithm.dpop_lambda=0", "algorithm.sft_weight=1.0",
+        "actor.lr=5e-5"],
+    "SPIN + DPOP (beta 1, lambda 5)": ["algorithm.beta=1.0", "algorithm.dpop_lambda=5.0", "algorithm.sft_weight=0",
+        "actor.lr=5e-5"],
+    "SPIN + DPOP + SFT term": ["algorithm.beta=1.0", "algorithm.dpop_lambda=5.0", "algorithm.sft_weight=1.0",
+        "actor.lr=5e-5"],
     "SPIN + DPOP, lr 2e-4": ["algorithm.beta=1.0", "algorithm.dpop_lambda=5.0", "algorithm.sft_weight=0", "actor.lr=2e-4"],
     "SPIN + DPOP + SFT term, lr 2e-4": ["algorithm.beta=1.0", "algorithm.dpop_lambda=5.0", "algorithm.sft_weight=1.0",
                                         "actor.lr=2e-4"],
@@ -62,7 +66,7 @@ def main() -> None:
         f"{platform.machine()}, "
         f"{platform.python_version()}; {time.time() - start:.0f} s in all. Greedy val exact match (%) on 200 held-out "
         "prompts, mean +- std over seeds; round 0 is the SFT warm start. `preset=tiny`: 512 prompts per round, "
-        "batch 32, AdamW lr 5e-5 unless the variant says otherwise, history_rounds 1, 3 rounds.",
+        "batch 32, AdamW at the lr each variant sets, history_rounds 1, 3 rounds.",
         "",
         "| variant | start | round 1 | round 2 | round 3 |",
         "|---|---|---|---|---|",

@@ -115,9 +115,10 @@ def test_spin_keeps_one_model_resident(tiny_task, tmp_path):
     assert PolicyWorker(cfg, cfg.model.path, keep_opponent=False).opponent is None
 
 
-def test_beta_per_round_is_used_per_round(tiny_task, tmp_path):
+def test_beta_per_round_is_used_per_round_and_old_checkpoints_are_pruned(tiny_task, tmp_path):
     run_dir = tmp_path / "run"
-    run(smoke(tmp_path, "algorithm.beta=[0.5,2.0]"))
+    run(smoke(tmp_path, "algorithm.beta=[0.5,2.0]", "trainer.keep_last_checkpoints=1"))
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["2", "latest"]
     rows = [r for r in metrics(run_dir) if r["kind"] == "train"]
     for r in rows:  # rewards are beta * log-ratio, margins likewise: recover beta from them
         ratio = r["logps/chosen"] - r["logps/ref_chosen"]

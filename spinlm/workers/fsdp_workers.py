@@ -207,13 +207,14 @@ class PolicyWorker:
         metrics = self.actor.preference_step(pairs, ref_chosen, ref_rejected, loss, self.optimizer,
                                              grad_clip=self.cfg.actor.grad_clip,
                                              loss_denominator=global_pairs / self.world_size)
-        self.scheduler.step()
+        self.skip_step() if metrics["train/step_skipped"] else self.scheduler.step()
         crash_point("update")
         metrics["train/lr"] = lr
         return metrics
 
     def skip_step(self) -> None:
-        """Advance the schedule for a step that had nothing to learn from (every prompt's samples tied)."""
+        """Advance the schedule for a step that changed nothing (every prompt's samples tied, or a non-finite
+        loss), so that the schedule stays aligned with the step counter."""
         with warnings.catch_warnings():  # torch warns when the schedule moves without an optimizer step: intended here
             warnings.simplefilter("ignore", UserWarning)
             self.scheduler.step()
