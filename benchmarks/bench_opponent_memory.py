@@ -22,9 +22,8 @@ import torch
 def child(args) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from spinlm.workers.dp_actor import DataParallelActor, LossSettings, Pairs
     from spinlm.workers.logprobs import ResponseLogProbs
-from spinlm.workers.dp_actor import DataParallelActor, LossSettings, Pairs
-    from spinlm.workers.fsdp_workers import PolicyWorker  # noqa: F401  (same import cost on both sides)
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,

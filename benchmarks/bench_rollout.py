@@ -21,12 +21,15 @@ import platform
 import statistics
 import time
 
-import torch
-import transformers
-from transformers import LlamaConfig, LlamaForCausalLM
+# As the spinlm command does (spinlm/cli.py): spinning OpenMP threads stall badly when other jobs share the cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from spinlm.data.tokenize import cut_at_eos
-from spinlm.rollout.hf_rollout import SamplingParams, generate
+import torch  # noqa: E402  (after OMP_WAIT_POLICY)
+import transformers  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from spinlm.data.tokenize import cut_at_eos  # noqa: E402
+from spinlm.rollout.hf_rollout import SamplingParams, generate  # noqa: E402
 
 PAD = 0
 SHAPES = {
@@ -148,7 +151,7 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, python "
+          f"({torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}), transformers {transformers.__version__}, python "
           f"{platform.python_version()}, load average {os.getloadavg()[0]:.1f}")
     for shape in args.models:
         bench(shape, args)
