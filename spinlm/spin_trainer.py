@@ -95,7 +95,7 @@ class SpinTrainer:
                        "perf/update_tokens_per_s": self.counts["update_tokens"] / max(self.timings.get("update", 0), 1e-9)}
             self.tracker.log(summary, round=t + 1, step=self.state.global_step, kind="val")
             self.state.table.append({"round": t + 1, **_row(val, train_metrics), "time_s": summary["time/round"]})
-            self.save_table_only(t)
+            self.save_table()
         print_table(self.state.table)
         return self.state.table
 
@@ -322,7 +322,7 @@ class SpinTrainer:
         save_checkpoint(self.run_dir, str(t + 1), save_model, state,
                         keep_last=self.cfg.trainer.keep_last_checkpoints)
 
-    def save_table_only(self, t: int) -> None:
+    def save_table(self) -> None:
         """The round table also lives in a small JSON in the run directory, for people and tools."""
         (self.run_dir / "rounds.json").write_text(json.dumps(self.state.table, indent=1))
 

@@ -116,7 +116,6 @@ class PolicyWorker:
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.device = pick_device(cfg.trainer.device, local_rank)
         self.tokenizer = load_tokenizer(cfg.model.tokenizer_path or model_path, cfg.model.trust_remote_code)
-        self.eos_ids: set[int] = set()
         self.policy = self._load(model_path)
         self.opponent = self._load(model_path, frozen=True) if keep_opponent else None
         self.model = self.policy.model  # the Hugging Face model inside
