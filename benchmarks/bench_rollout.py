@@ -123,7 +123,8 @@ def bench(shape: str, args) -> None:
     for label, r in (("wall-clock", rates), ("CPU time", cpu_rates)):
         ratio = statistics.median(r["spinlm generate"]) / statistics.median(r["plain generate"])
         paired = statistics.median(s / p for s, p in zip(r["spinlm generate"], r["plain generate"]))
-        print(f"  ratio spinlm / plain, {label}: {ratio:.2f}x (ratio of medians), {paired:.2f}x (median of paired runs)")
+        print(f"  ratio spinlm / plain, {label}: {ratio:.2f}x (ratio of medians), "
+              f"{paired:.2f}x (median of paired runs)")
 
 
 def cpu_model() -> str:
@@ -151,7 +152,8 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}), transformers {transformers.__version__}, python "
+          f"({torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}), "
+          f"transformers {transformers.__version__}, python "
           f"{platform.python_version()}, load average {os.getloadavg()[0]:.1f}")
     for shape in args.models:
         bench(shape, args)

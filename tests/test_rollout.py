@@ -133,7 +133,8 @@ def test_sampling_n_reproducible_and_leaves_global_rng_alone(model, prompts):
     state = torch.get_rng_state()
     a = sample(model, prompts, seed=11)
     assert torch.equal(torch.get_rng_state(), state)
-    assert len(a.responses) == len(prompts) and all(len(rs) == 4 and len(es) == 4 for rs, es in zip(a.responses, a.ended))
+    assert len(a.responses) == len(prompts)
+    assert all(len(rs) == 4 and len(es) == 4 for rs, es in zip(a.responses, a.ended))
     for rs, es in zip(a.responses, a.ended):
         for r, e in zip(rs, es):
             assert 1 <= len(r) <= 10 and e == (r[-1] in {3, 5, 7})

@@ -59,7 +59,8 @@ def check_params(params: SamplingParams) -> None:
     if not isinstance(params.n, int) or params.n < 1:
         raise ValueError(f"SamplingParams.n={params.n!r}: expected an integer >= 1 (samples per prompt)")
     if not params.temperature > 0:
-        raise ValueError(f"SamplingParams.temperature={params.temperature!r}: expected > 0 (use greedy=True for argmax)")
+        raise ValueError(f"SamplingParams.temperature={params.temperature!r}: expected > 0 "
+                         "(use greedy=True for argmax)")
     if not 0 < params.top_p <= 1:
         raise ValueError(f"SamplingParams.top_p={params.top_p!r}: expected 0 < top_p <= 1 (1: off)")
     if not isinstance(params.top_k, int) or params.top_k < 0:
@@ -108,7 +109,7 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, *, pad_id:
             for j, i in enumerate(idx):
                 cut = range(j * n, (j + 1) * n)
                 responses[i] = [rows[r][: lengths[r]] for r in cut]
-                ended[i] = [lengths[r] > 0 and rows[r][lengths[r] - 1] in eos_ids for r in cut]
+                ended[i] = [rows[r][lengths[r] - 1] in eos_ids for r in cut]   # every length is >= 1
             bar.update(len(idx))
     finally:
         bar.close()
@@ -179,7 +180,8 @@ def _generate_batch(model, prompts: list[list[int]], n: int, max_new_tokens: int
                 # Finished rows leave the batch and the cache: later steps cost only what is still running.
                 keep = (~finished).nonzero().squeeze(1)
                 cache.batch_select_indices(keep)
-                active, nxt, mask, next_pos, finished = active[keep], nxt[keep], mask[keep], next_pos[keep], finished[keep]
+                active, nxt, mask, next_pos = active[keep], nxt[keep], mask[keep], next_pos[keep]
+                finished = finished[keep]
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
         out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos[:, None],
                     **decode_kwargs)
