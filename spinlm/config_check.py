@@ -337,6 +337,7 @@ RANGES: dict[str, _Bound] = {
     "trainer.log_every": (1, True, None, False, False),
     "trainer.keep_last_checkpoints": (1, True, None, False, True),
     "trainer.max_bad_steps": (0, True, None, False, False),
+    "trainer.collapse_threshold": (0, False, None, False, False),
     "trainer.threads": (1, True, None, False, True),
     "sft.steps": (1, True, None, False, False),
     "sft.batch_size": (1, True, None, False, False),

@@ -13,6 +13,7 @@ import functools
 import json
 import math
 import random
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,6 +35,10 @@ from spinlm.workers.dp_actor import LossSettings, Pairs
 
 class NonFiniteError(UserError):
     """Too many consecutive steps with a non-finite loss or gradient norm."""
+
+
+class CollapseError(UserError):
+    """The collapse warning, with trainer.stop_on_collapse=true."""
 
 
 @dataclass
@@ -81,9 +86,10 @@ class SpinTrainer:
             self.state.table.append({"round": "start", **_row(start, {})})
         for t in range(self.state.next_round, cfg.trainer.rounds):
             self.timings = {}
-            self.counts = {"rollout_tokens": 0, "update_tokens": 0}
+            self.counts = {"rollout_tokens": 0, "update_tokens": 0, "steps": 0, "chosen_drift": 0.0, "margins": 0.0}
             round_start = time.perf_counter()
             train_metrics = self.spin_round(t) if self.mode == "spin" else self.online_dpo_round(t)
+            self.check_collapse(t)  # before the round's checkpoint: a collapsed round is never saved
             val = self.evaluate() if self.val_items else {}
             self.state.next_round = t + 1
             with self.timer("save"):
@@ -212,6 +218,10 @@ class SpinTrainer:
     def train_step(self, t: int, pairs: Pairs, ref_chosen, ref_rejected) -> dict:
         metrics = self.workers.update(pairs, ref_chosen, ref_rejected, self.loss_settings(t))
         self.counts["update_tokens"] += metrics["train/tokens"]
+        if metrics["train/step_skipped"] == 0:
+            self.counts["steps"] += 1
+            self.counts["chosen_drift"] += metrics["logps/chosen"] - metrics["logps/ref_chosen"]
+            self.counts["margins"] += metrics["rewards/margins"]
         self.state.global_step += 1
         skipped = metrics.pop("train/step_skipped") > 0
         self.state.skipped_steps += skipped
@@ -226,6 +236,28 @@ class SpinTrainer:
                 f"trainer.max_bad_steps={self.cfg.trainer.max_bad_steps}. Stopped; the last complete checkpoint is kept "
                 f"in {self.run_dir / 'checkpoints'}. Try a lower actor.lr, a larger algorithm.beta, or model.dtype=float32")
         return metrics
+
+    def check_collapse(self, t: int) -> None:
+        """SPIN's measured failure mode: margins grow while the chosen (ground-truth) response itself becomes less
+        likely than under the opponent. Warn with the numbers and the knobs; stop if trainer.stop_on_collapse."""
+        n = self.counts["steps"]
+        if not n:
+            return
+        drift, margins = self.counts["chosen_drift"] / n, self.counts["margins"] / n
+        collapsing = drift < -self.cfg.trainer.collapse_threshold and margins > 0
+        self.tracker.log({"train/chosen_drift": drift, "train/collapse_warning": float(collapsing)}, round=t + 1,
+                         step=self.state.global_step, kind="health")
+        if not collapsing:
+            return
+        message = (f"round {t + 1}: the chosen responses' log-prob fell {-drift:.2f} nats below the opponent's on "
+                   f"average while the reward margins grew ({margins:.3f}): the policy is pushing both answers down, "
+                   f"which lowered accuracy in every measurement on small models. Counter it with the DPOP guard "
+                   f"(algorithm.dpop_lambda=5), an SFT term (algorithm.sft_weight=1), a larger algorithm.beta, or a "
+                   f"lower actor.lr (threshold: trainer.collapse_threshold={self.cfg.trainer.collapse_threshold})")
+        if self.cfg.trainer.stop_on_collapse:
+            raise CollapseError(message + f". Stopped (trainer.stop_on_collapse=true); the last good checkpoint is "
+                                          f"kept in {self.run_dir / 'checkpoints'}")
+        tqdm.write(f"WARNING: {message}", file=sys.stderr)
 
     def loss_settings(self, t: int) -> LossSettings:
         a = self.cfg.algorithm

@@ -157,3 +157,18 @@ def test_a_sample_equal_to_the_ground_truth_is_never_a_rejected_response(tiny_ta
     assert judged.pairs.chosen == [items[i].response_ids for i in kept]
     assert m["rollout/identical_dropped"] == (1 if drop else 0)
     assert m["rollout/reward_mean"] == pytest.approx(1 / 3)  # the copy of the ground truth is right, the others not
+
+
+def test_collapse_warning_stops_a_collapsing_run_and_not_a_guarded_one(tiny_task, tmp_path):
+    from spinlm.spin_trainer import CollapseError
+
+    collapsing = ["algorithm.beta=0.1", "actor.lr=1e-3", "algorithm.dpop_lambda=0", "algorithm.sft_weight=0"]
+    with pytest.raises(CollapseError, match=r"round 2: the chosen responses' log-prob fell \d+\.\d+ nats below"):
+        run(smoke(tmp_path / "plain", *collapsing, "trainer.stop_on_collapse=true"))
+    plain = tmp_path / "plain" / "run"
+    assert (plain / "checkpoints" / "latest").read_text().strip() == "1"  # the collapsed round was not saved
+    health = [r for r in metrics(plain) if r["kind"] == "health"]
+    assert health[-1]["train/collapse_warning"] == 1.0 and health[-1]["train/chosen_drift"] < -1.0
+
+    run(smoke(tmp_path / "guarded", *collapsing, "algorithm.dpop_lambda=5", "trainer.stop_on_collapse=true"))
+    assert all(r["train/collapse_warning"] == 0.0 for r in metrics(tmp_path / "guarded" / "run") if r["kind"] == "health")
