@@ -1,0 +1,305 @@
+"""spinlm's preference update vs TRL's DPOTrainer, side by side on the same machine.
+
+Both sides train the same randomly initialised Llama (built from a config, no hub) on the same pairs, with the same
+batch size, number of optimizer steps, fp32, no gradient checkpointing, sigmoid loss, beta 0.1, AdamW lr 1e-5.
+spinlm precomputes the reference log-probs once (as spin mode does) and times `preference_step`; TRL's DPOTrainer
+runs with its default reference copy and, as a second variant, with `precompute_ref_log_probs=True`. Every variant
+runs in its own subprocess so peak RSS (ru_maxrss) is per variant.
+
+Texts for TRL are the token ids written as words ("t17 t5 ... </s>") under a word-level tokenizer, so TRL's own
+tokenisation gives back exactly the token ids spinlm trains on.
+
+    .venv/bin/python benchmarks/bench_update.py [--quick] [--models tiny,25m,152k] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+# two spinning OpenMP threads on shared cores make step times swing by 10x and more (see "## Rollout")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402  (after OMP_WAIT_POLICY)
+
+EOS, PAD = 2, 0
+
+# name -> model shape, pair lengths, batch, steps (the first step is a warm-up and is not measured)
+MODELS = {
+    "tiny": dict(vocab=512, hidden=128, layers=4, heads=4, inter=384, tie=False,
+                 prompt=(16, 64), response=(8, 64), batch=8, steps=7),
+    "25m": dict(vocab=32000, hidden=384, layers=6, heads=6, inter=1024, tie=True,
+                prompt=(64, 256), response=(32, 512), batch=4, steps=6),
+    "152k": dict(vocab=152064, hidden=256, layers=2, heads=4, inter=768, tie=True,
+                 prompt=(512, 512), response=(512, 512), batch=2, steps=4),
+}
+VARIANTS = ["spinlm", "trl", "trl_precompute"]
+
+
+def build_model(spec: dict):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=spec["vocab"], hidden_size=spec["hidden"], num_hidden_layers=spec["layers"],
+                      num_attention_heads=spec["heads"], num_key_value_heads=spec["heads"],
+                      intermediate_size=spec["inter"], tie_word_embeddings=spec["tie"],
+                      max_position_embeddings=2048, bos_token_id=1, eos_token_id=EOS, pad_token_id=PAD)
+    return LlamaForCausalLM(cfg).float()
+
+
+def make_pairs(spec: dict) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+    """batch * steps pairs of random token ids; chosen and rejected end with EOS."""
+    g = torch.Generator().manual_seed(1)
+    n = spec["batch"] * spec["steps"]
+
+    def seq(lo_hi: tuple[int, int], eos: bool) -> list[int]:
+        lo, hi = lo_hi
+        k = int(torch.randint(lo, hi + 1, (1,), generator=g))
+        ids = torch.randint(3, spec["vocab"], (k - 1 if eos else k,), generator=g).tolist()
+        return ids + [EOS] if eos else ids
+
+    prompts = [seq(spec["prompt"], False) for _ in range(n)]
+    chosen = [seq(spec["response"], True) for _ in range(n)]
+    rejected = [seq(spec["response"], True) for _ in range(n)]
+    return prompts, chosen, rejected
+
+
+def matmul_params(model) -> int:
+    """Parameters that take part in matmuls: everything except the input embedding lookup, lm-head counted once."""
+    total = sum(p.numel() for p in model.parameters())
+    emb = model.get_input_embeddings().weight.numel()
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    return total - emb + (emb if tied else 0)
+
+
+def run_spinlm(spec: dict) -> dict:
+    from spinlm.workers.dp_actor import DataParallelActor, LossSettings, Pairs
+    from spinlm.workers.logprobs import ResponseLogProbs
+
+    model = build_model(spec)
+    prompts, chosen, rejected = make_pairs(spec)
+    actor = DataParallelActor(ResponseLogProbs(model, chunk=1024), micro_batch_size=spec["batch"],
+                              max_tokens_per_micro_batch=None)
+    t0 = time.perf_counter()
+    ref_c = actor.sequence_logps(prompts, chosen)
+    ref_r = actor.sequence_logps(prompts, rejected)
+    ref_s = time.perf_counter() - t0
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    b = spec["batch"]
+    times, tokens, losses = [], [], []
+    for s in range(spec["steps"]):
+        idx = list(range(s * b, (s + 1) * b))
+        pairs = Pairs([prompts[i] for i in idx], [chosen[i] for i in idx], [rejected[i] for i in idx])
+        t = time.perf_counter()
+        m = actor.preference_step(pairs, ref_c[idx], ref_r[idx], LossSettings(beta=0.1), opt, grad_clip=1.0)
+        times.append(time.perf_counter() - t)
+        tokens.append(m["train/tokens"])
+        losses.append(m["loss"])
+    return dict(times=times, tokens=tokens, first_loss=losses[0], ref_precompute_s=ref_s,
+                ref_in_step=False, matmul_params=matmul_params(model))
+
+
+def word_tokenizer(vocab: int):
+    """Word-level tokenizer whose words "t<i>" are token id i, so decoded ids tokenise back to the same ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<pad>": PAD, "<s>": 1, "</s>": EOS, **{f"t{i}": i for i in range(3, vocab)}}
+    tok = Tokenizer(models.WordLevel(vocab=words, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def to_text(ids: list[int]) -> str:
+    return " ".join("</s>" if i == EOS else f"t{i}" for i in ids)
+
+
+def run_trl(spec: dict, precompute: bool) -> dict:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from transformers import LlamaForCausalLM
+
+    tok = word_tokenizer(spec["vocab"])
+    prompts, chosen, rejected = make_pairs(spec)
+    # the prompt text ends with a space so prompt + completion splits into the same words
+    data = {"prompt": [to_text(p) + " " for p in prompts], "chosen": [to_text(c) for c in chosen],
+            "rejected": [to_text(r) for r in rejected]}
+    ids_c = tok([p + c for p, c in zip(data["prompt"], data["chosen"])], add_special_tokens=False)["input_ids"]
+    ids_r = tok([p + r for p, r in zip(data["prompt"], data["rejected"])], add_special_tokens=False)["input_ids"]
+    exact = all(a == p + c for a, p, c in zip(ids_c, prompts, chosen)) and \
+        all(a == p + r for a, p, r in zip(ids_r, prompts, rejected))
+    tokens_per_step_mean = sum(len(a) + len(b) for a, b in zip(ids_c, ids_r)) / spec["steps"]
+
+    times: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.t)
+
+    with tempfile.TemporaryDirectory() as out:
+        # TRL's default reference model is a second copy loaded from the policy's path, so give it one
+        build_model(spec).save_pretrained(f"{out}/model")
+        model = LlamaForCausalLM.from_pretrained(f"{out}/model", dtype=torch.float32)
+        args = DPOConfig(output_dir=f"{out}/run", use_cpu=True, report_to=[], per_device_train_batch_size=spec["batch"],
+                         gradient_accumulation_steps=1, max_steps=spec["steps"], learning_rate=1e-5, beta=0.1,
+                         loss_type="sigmoid", logging_steps=1, save_strategy="no", gradient_checkpointing=False,
+                         bf16=False, fp16=False, max_length=None, precompute_ref_log_probs=precompute,
+                         max_grad_norm=1.0, disable_tqdm=True, seed=0, dataloader_num_workers=0,
+                         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.01)
+        trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_dict(data), processing_class=tok,
+                             callbacks=[StepTimer()])
+        t0 = time.perf_counter()
+        trainer.train()
+        total_s = time.perf_counter() - t0
+        logs = [h for h in trainer.state.log_history if "loss" in h]
+    return dict(times=times, tokens=[tokens_per_step_mean] * len(times), first_loss=logs[0]["loss"] if logs else None,
+                train_total_s=total_s, ref_in_step=not precompute, token_ids_exact=exact,
+                matmul_params=matmul_params(model))
+
+
+def child(model_name: str, variant: str) -> None:
+    spec = MODELS[model_name]
+    out = run_spinlm(spec) if variant == "spinlm" else run_trl(spec, precompute=variant == "trl_precompute")
+    out.update(model=model_name, variant=variant, load_avg=os.getloadavg()[0],
+               peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print("RESULT " + json.dumps(out))
+
+
+def profile_spinlm(model_name: str) -> None:
+    """Where spinlm's step time goes: torch.profiler over two preference steps (after one warm-up)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from spinlm.workers.dp_actor import DataParallelActor, LossSettings, Pairs
+    from spinlm.workers.logprobs import ResponseLogProbs
+
+    spec = MODELS[model_name]
+    model = build_model(spec)
+    prompts, chosen, rejected = make_pairs(spec)
+    actor = DataParallelActor(ResponseLogProbs(model), micro_batch_size=spec["batch"], max_tokens_per_micro_batch=None)
+    ref_c, ref_r = actor.sequence_logps(prompts, chosen), actor.sequence_logps(prompts, rejected)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    b = spec["batch"]
+
+    def step(s: int) -> None:
+        idx = list(range(s * b, (s + 1) * b))
+        pairs = Pairs([prompts[i] for i in idx], [chosen[i] for i in idx], [rejected[i] for i in idx])
+        actor.preference_step(pairs, ref_c[idx], ref_r[idx], LossSettings(beta=0.1), opt, grad_clip=1.0)
+
+    step(0)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step(1)
+        step(2)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+def matmul_flops(n: int = 2048, reps: int = 10) -> float:
+    """fp32 matmul FLOP/s of this machine (best of `reps` n x n x n products)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def summarise(r: dict) -> dict:
+    measured = r["times"][1:]  # the first step is a warm-up
+    step_s = statistics.median(measured)
+    tok = statistics.mean(r["tokens"])
+    flops_per_token = (8 if r["ref_in_step"] else 6) * r["matmul_params"]
+    return dict(model=r["model"], variant=r["variant"], measured_steps=len(measured), median_step_s=step_s,
+                tokens_per_step=tok, tokens_per_s=tok / step_s, peak_rss_mb=r["peak_rss_mb"],
+                flops_per_s=flops_per_token * tok / step_s, load_avg=r["load_avg"],
+                first_loss=r["first_loss"], token_ids_exact=r.get("token_ids_exact"))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="only the tiny model")
+    p.add_argument("--models", default="tiny,25m,152k", help="comma-separated subset of " + ",".join(MODELS))
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--rounds", type=int, default=2, help="runs of every variant, alternated")
+    p.add_argument("--profile", metavar="MODEL", help="print a torch.profiler summary of spinlm's step and exit")
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--child", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        print("bench_update.py needs TRL for the comparison: pip install trl==1.16.0", file=sys.stderr)
+        sys.exit(1)
+    if args.child:
+        child(*args.child)
+        return
+    if args.profile:
+        profile_spinlm(args.profile)
+        return
+    models = ["tiny"] if args.quick else args.models.split(",")
+    variants = args.variants.split(",")
+    for name in models + variants:
+        if name not in MODELS and name not in VARIANTS:
+            p.error(f"unknown model/variant {name!r}; models: {', '.join(MODELS)}; variants: {', '.join(VARIANTS)}")
+    import transformers
+
+    peak = matmul_flops()
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
+               platform.processor())
+    print(f"cpu: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"trl {trl.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, "
+          f"fp32 matmul {peak / 1e9:.1f} GFLOP/s, load avg {os.getloadavg()[0]:.2f}")
+    rows = []
+    for m in models:
+        # variants alternate round by round so a burst of load from another process hits them alike; each variant's
+        # step time is the best of its per-round medians
+        runs: dict[str, list[dict]] = {v: [] for v in variants}
+        for _ in range(args.rounds):
+            for v in variants:
+                proc = subprocess.run([sys.executable, __file__, "--child", m, v], capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"{m}/{v} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+                line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
+                runs[v].append(summarise(json.loads(line[len("RESULT "):])))
+        by_variant = {}
+        for v in variants:
+            r = dict(min(runs[v], key=lambda x: x["median_step_s"]))
+            r["round_step_s"] = [x["median_step_s"] for x in runs[v]]
+            r["peak_rss_mb"] = max(x["peak_rss_mb"] for x in runs[v])
+            r["load_avg"] = max(x["load_avg"] for x in runs[v])
+            by_variant[v] = r
+            rows.append(r)
+            print(f"{m:5s} {v:15s} step {r['median_step_s']:.3f}s (rounds {', '.join(f'{t:.3f}' for t in r['round_step_s'])})  "
+                  f"tokens/step {r['tokens_per_step']:.0f}  {r['tokens_per_s']:.0f} tok/s  "
+                  f"peak RSS {r['peak_rss_mb']:.0f} MB  {r['flops_per_s'] / 1e9:.1f} GFLOP/s  "
+                  f"load {r['load_avg']:.2f}  loss0 {r['first_loss']:.4f}  ids exact {r['token_ids_exact']}", flush=True)
+        if "spinlm" in by_variant:
+            s = by_variant["spinlm"]
+            for v in [x for x in variants if x != "spinlm"]:
+                t = by_variant[v]
+                print(f"{m:5s} spinlm vs {v}: speed {s['tokens_per_s'] / t['tokens_per_s']:.2f}x, "
+                      f"peak RSS {s['peak_rss_mb'] / t['peak_rss_mb']:.2f}x", flush=True)
+    peak = max(peak, matmul_flops())  # load from other processes only lowers the rate: keep the best seen
+    print(f"fp32 matmul rate (best of start and end): {peak / 1e9:.1f} GFLOP/s; achieved fraction of it:")
+    for r in rows:
+        r["flops_frac"] = r["flops_per_s"] / peak
+        print(f"  {r['model']:5s} {r['variant']:15s} {100 * r['flops_frac']:.1f}%")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(cpu=cpu, cores=os.cpu_count(), matmul_flops=peak, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
