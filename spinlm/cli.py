@@ -14,13 +14,6 @@ from spinlm.data.example import DataError
 from spinlm.errors import UserError
 
 
-def _overrides_parser(prog_help: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=True, description=prog_help)
-    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. preset=smoke trainer.rounds=2")
-    p.add_argument("--debug", action="store_true", help="show Python tracebacks")
-    return p
-
-
 def _cmd_train(args) -> int:
     from spinlm.config_check import validate
 

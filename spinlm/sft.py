@@ -18,12 +18,12 @@ from transformers import get_cosine_schedule_with_warmup
 
 from spinlm.config import ConfigError
 from spinlm.data.example import DataError
+from spinlm.workers.fsdp_workers import DTYPES, load_model, load_tokenizer
 
 if TYPE_CHECKING:
     from spinlm.data.dataset import TokenizedExample
 
 IGNORE_INDEX = -100
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def sft_batch(items: list[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -143,8 +143,8 @@ def _check_sft_config(cfg: DictConfig) -> None:
     if isinstance(s.warmup_ratio, bool) or not isinstance(s.warmup_ratio, (int, float)) \
             or not 0 <= s.warmup_ratio < 1:
         problems.append(f"sft.warmup_ratio={s.warmup_ratio!r}: expected a number in [0, 1)")
-    if cfg.model.dtype not in _DTYPES:
-        problems.append(f"model.dtype={cfg.model.dtype!r}: expected one of {' | '.join(_DTYPES)}")
+    if cfg.model.dtype not in DTYPES:
+        problems.append(f"model.dtype={cfg.model.dtype!r}: expected one of {' | '.join(DTYPES)}")
     if cfg.trainer.device not in ("auto", "cpu", "cuda"):
         problems.append(f"trainer.device={cfg.trainer.device!r}: expected auto | cpu | cuda")
     if cfg.trainer.device == "cuda" and not torch.cuda.is_available():
@@ -158,8 +158,6 @@ def _paths(value: Any) -> list[str]:
 
 
 def _load_model_and_tokenizer(cfg: DictConfig, device: torch.device):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     model_path = str(_required(cfg, "model.path"))
     tok_path = str(cfg.model.tokenizer_path or model_path)
     for key, path in (("model.path", model_path), ("model.tokenizer_path", tok_path)):
@@ -169,15 +167,14 @@ def _load_model_and_tokenizer(cfg: DictConfig, device: torch.device):
             raise ConfigError([f"{key}={path!r}: no such directory (for the bundled task run "
                                f"`spinlm task build` first)"])
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=cfg.model.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=_DTYPES[cfg.model.dtype], attn_implementation=cfg.model.attn_implementation,
-            trust_remote_code=cfg.model.trust_remote_code)
+        tokenizer = load_tokenizer(tok_path, cfg.model.trust_remote_code)
+        model = load_model(model_path, dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation,
+                           device=device, trust_remote_code=cfg.model.trust_remote_code)
     except OSError as exc:
         raise ConfigError([f"model.path={model_path!r}: cannot load the model or tokenizer ({exc})"]) from exc
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    return model.to(device), tokenizer
+    return model, tokenizer
 
 
 def _load_items(cfg: DictConfig, files_key: str, tokenizer, limit: int | None) -> list[TokenizedExample]:

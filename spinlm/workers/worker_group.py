@@ -177,7 +177,7 @@ class RayWorkerGroup(LocalWorkerGroup):
             addr = "127.0.0.1" if not cfg.ray.address else ray.util.get_node_ip_address()
             port = _free_port()
             env = {k: v for k, v in os.environ.items() if k.startswith("SPINLM_")}
-            remote = ray.remote(RankActor).options(num_cpus=1 if not use_gpu else 1, num_gpus=1 if use_gpu else 0)
+            remote = ray.remote(RankActor).options(num_cpus=1, num_gpus=1 if use_gpu else 0)
             container = OmegaConf.to_container(cfg, resolve=True)
             self.actors = [remote.remote(container, model_path, keep_opponent, r, self.world_size, addr, port,
                                          {**env, "SPINLM_RANK": str(r)})
