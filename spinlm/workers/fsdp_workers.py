@@ -10,6 +10,7 @@ sharded the same way, and refreshed by an in-place copy of the local shards.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import resource
@@ -23,7 +24,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from spinlm.crash_points import crash_point
 from spinlm.evaluate import eos_ids_of
@@ -41,11 +42,27 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(f"cuda:{local_rank}") if name == "cuda" else torch.device(name)
 
 
+# tokenizer_class values that mean "exactly the tokenizer.json next to me", with no model-specific class
+GENERIC_TOKENIZER_CLASSES = {"TokenizersBackend", "PreTrainedTokenizerFast"}
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    declared = _declared_tokenizer_class(path)
+    if declared in GENERIC_TOKENIZER_CLASSES and type(tok).__name__ not in GENERIC_TOKENIZER_CLASSES:
+        # transformers 5 swaps a saved generic tokenizer for the model type's own class for some model types
+        # (qwen2: Qwen2Tokenizer, with another pre-tokenizer); the saved tokenizer.json is what the data was made for
+        tok = PreTrainedTokenizerFast.from_pretrained(path)
     if tok.pad_token_id is None:  # many chat models ship without one; EOS is the usual stand-in
         tok.pad_token = tok.eos_token
     return tok
+
+
+def _declared_tokenizer_class(path: str) -> str | None:
+    config = Path(path) / "tokenizer_config.json"
+    if not config.is_file():  # a hub id, or a folder without one: nothing declared locally
+        return None
+    return json.loads(config.read_text()).get("tokenizer_class")
 
 
 def load_model(path: str, *, dtype: str, attn_implementation: str, device, trust_remote_code: bool = False):
