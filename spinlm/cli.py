@@ -32,6 +32,16 @@ def _cmd_sft(args) -> int:
     return 0
 
 
+def _cmd_evaluate(args) -> int:
+    from spinlm.evaluate_command import evaluate_path, format_table, write_rows
+
+    rows = evaluate_path(args.path, args.overrides)
+    print(format_table(rows))
+    if args.output:
+        write_rows(rows, args.output)
+    return 0
+
+
 def _cmd_config(args) -> int:
     from spinlm.config_check import check_config
 
@@ -68,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. preset=smoke trainer.rounds=2")
         p.add_argument("--debug", action="store_true", help="show Python tracebacks")
         p.set_defaults(func=fn)
+
+    text = "greedy accuracy, pass@k and lm-eval tasks of a checkpoint, or of every round of a run directory"
+    p = sub.add_parser("evaluate", help=text, description=text)
+    p.add_argument("path", help="a run directory (every checkpoints/<t>), a checkpoint, or a Hugging Face model folder")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. eval.n=8 eval.pass_k=[1,8] data.val_files=val.jsonl")
+    p.add_argument("--output", help="also write every metric (per data_source too) as JSON to this file")
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("config", help="print the resolved config or check it", description="config show | check")
     p.add_argument("action", choices=["show", "check"], help="show: print the resolved YAML; check: run every safety rule")

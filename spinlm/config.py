@@ -56,6 +56,16 @@ def load_config(overrides: Iterable[str] | Mapping | DictConfig = ()) -> DictCon
     return cfg
 
 
+def load_run_config(config_yaml: Path, overrides: Iterable[str] = ()) -> DictConfig:
+    """A run's saved config.yaml (what it trained with) <- overrides, on top of the packaged defaults so that keys
+    added since the run have their default values."""
+    try:
+        saved = OmegaConf.load(config_yaml)
+    except Exception as exc:  # omegaconf/yaml parse errors: name the file
+        raise ConfigError([f"{config_yaml}: cannot read the run's config ({exc})"]) from exc
+    return OmegaConf.merge(default_config(), saved, _parse_overrides(list(overrides)))
+
+
 def resolved(cfg: DictConfig) -> DictConfig:
     """A copy with interpolations (e.g. ${oc.env:...}) resolved: what the run actually uses."""
     out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))

@@ -59,10 +59,15 @@ TYPE_OVERRIDES: dict[str, tuple[str, ...]] = {
     "trainer.threads": ("null", "int"),
     "sft.max_examples": ("null", "int"),
     "sft.output_dir": ("null", "str"),
+    "eval.pass_k": ("null", "list[int]"),
+    "eval.lm_eval_tasks": ("list[str]",),
+    "eval.lm_eval_include_path": ("null", "str"),
+    "eval.lm_eval_limit": ("null", "int"),
+    "eval.lm_eval_num_fewshot": ("null", "int"),
 }
 _TYPE_WORDS = {
     "null": "null", "bool": "a boolean (true/false)", "int": "an integer", "float": "a number", "str": "a string",
-    "list[str]": "a list of strings", "list[float]": "a list of numbers", "list": "a list",
+    "list[str]": "a list of strings", "list[float]": "a list of numbers", "list[int]": "a list of integers", "list": "a list",
     "any": "a scalar or a list",
 }
 
@@ -107,6 +112,8 @@ def _matches(value: Any, kind: str) -> bool:
         return isinstance(value, list) and all(isinstance(v, str) for v in value)
     if kind == "list[float]":
         return isinstance(value, list) and all(_is_number(v) for v in value)
+    if kind == "list[int]":
+        return isinstance(value, list) and all(_matches(v, "int") for v in value)
     if kind == "list":
         return isinstance(value, list)
     return not isinstance(value, dict)  # "any": a leaf must not be a mapping
@@ -344,6 +351,11 @@ RANGES: dict[str, _Bound] = {
     "sft.lr": (0, False, None, False, False),
     "sft.warmup_ratio": (0, True, 1, False, False),
     "sft.max_examples": (1, True, None, False, True),
+    "eval.n": (0, True, None, False, False),
+    "eval.temperature": (0, False, None, False, False),
+    "eval.top_p": (0, False, 1, True, False),
+    "eval.lm_eval_limit": (1, True, None, False, True),
+    "eval.lm_eval_num_fewshot": (0, True, None, False, True),
 }
 
 
@@ -539,6 +551,22 @@ def _check_reward(v: _Values) -> list[str]:
     return list(check_reward(v.section("reward")))
 
 
+def _check_eval(v: _Values) -> list[str]:
+    problems = []
+    if v.has("eval.pass_k", "eval.n") and v["eval.pass_k"] is not None:
+        n, ks = v["eval.n"], v["eval.pass_k"]
+        if n == 0:
+            problems.append(f"eval.pass_k={_fmt(ks)}: pass@k needs samples; set eval.n (samples per prompt) >= max(k)")
+        else:
+            problems += [f"eval.pass_k={_fmt(ks)}: eval.pass_k[{i}]={k} must be in [1, eval.n={n}] (the unbiased "
+                         f"estimator needs at least k samples)" for i, k in enumerate(ks) if not 1 <= k <= n]
+    if v.has("eval.lm_eval_include_path") and v["eval.lm_eval_include_path"] is not None:
+        path = v["eval.lm_eval_include_path"]
+        if not Path(path).expanduser().is_dir():
+            problems.append(f"eval.lm_eval_include_path={_fmt(path)}: no such directory (a folder of lm-eval task YAMLs)")
+    return problems
+
+
 def _visible_gpus() -> int:
     import torch  # only here: counting GPUs is the one thing config checking needs torch for
 
@@ -565,7 +593,11 @@ def _check_gpus(v: _Values) -> list[str]:
 
 RULES: tuple[Callable[[_Values], list[str]], ...] = (
     _check_enums, _check_ranges, _check_beta, _check_mode, _check_batches, _check_model, _check_attention,
-    _check_data_files, _check_output_dirs, _check_reward, _check_gpus,
+    _check_data_files, _check_output_dirs, _check_reward, _check_gpus, _check_eval,
+)
+# `spinlm evaluate` trains nothing: no schedule, batch, mode or output rules, and the train files may be unset
+EVAL_RULES: tuple[Callable[[_Values], list[str]], ...] = (
+    _check_enums, _check_ranges, _check_model, _check_attention, _check_data_files, _check_reward, _check_eval,
 )
 
 
@@ -574,6 +606,20 @@ def check_config(cfg: DictConfig) -> list[str]:
     problems, values = _read_tree(cfg)
     v = _Values(values)
     for rule in RULES:
+        problems += rule(v)
+    return problems
+
+
+def check_eval_config(cfg: DictConfig) -> list[str]:
+    """The problems that matter to `spinlm evaluate`: what loads the model, the val files and the reward."""
+    problems, values = _read_tree(cfg)
+    problems = [p for p in problems if not p.startswith("data.train_files=")]
+    values.pop("data.train_files", None)
+    if "data.val_files" in values and values["data.val_files"] is None:
+        problems.append("data.val_files=null: spinlm evaluate needs held-out prompts with a ground truth "
+                        "(pass data.val_files=FILE)")
+    v = _Values(values)
+    for rule in EVAL_RULES:
         problems += rule(v)
     return problems
 

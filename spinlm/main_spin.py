@@ -45,6 +45,13 @@ def load_items(cfg, tokenizer, files, *, need_response: bool):
     return items, stats
 
 
+def load_val_items(cfg, tokenizer):
+    """The held-out prompts that have a ground truth, the first data.val_max_samples of them (`spinlm evaluate`
+    uses the same, so its greedy accuracy is the trainer's val/acc)."""
+    items, _ = load_items(cfg, tokenizer, cfg.data.val_files, need_response=False)
+    return [it for it in items if it.example.ground_truth is not None][: cfg.data.val_max_samples or None]
+
+
 def drop_unfinished_metrics(run_dir: Path, done_rounds: int) -> None:
     """Rows of rounds that never completed (a run killed mid-round, or a fresh start over an old run directory)
     would be logged again: keep only completed rounds' rows. A line cut short by a kill is dropped too."""
@@ -89,10 +96,7 @@ def run(cfg) -> list[dict]:
 
     tokenizer = load_tokenizer(cfg.model.tokenizer_path or cfg.model.path, cfg.model.trust_remote_code)
     train_items, stats = load_items(cfg, tokenizer, cfg.data.train_files, need_response=cfg.algorithm.mode == "spin")
-    val_items = []
-    if cfg.data.val_files:
-        val_items, _ = load_items(cfg, tokenizer, cfg.data.val_files, need_response=False)
-        val_items = [it for it in val_items if it.example.ground_truth is not None][: cfg.data.val_max_samples or None]
+    val_items = load_val_items(cfg, tokenizer) if cfg.data.val_files else []
     reward_fn = get_reward_fn(cfg.reward)
     preflight_reward(reward_fn, val_items + train_items)
 

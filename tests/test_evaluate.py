@@ -1,0 +1,152 @@
+"""`spinlm evaluate`: the pass@k estimator by hand, pass@k from scored samples, and greedy accuracy of a run's
+checkpoints equal to the val/acc the trainer logged for them."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from math import comb
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from spinlm.config import ConfigError, load_config
+from spinlm.config_check import check_eval_config
+from spinlm.errors import UserError
+from spinlm.evaluate import pass_at_k, pass_at_k_metrics
+from spinlm.evaluate_command import evaluate_path, find_checkpoints, format_table
+from spinlm.main_spin import load_val_items, run
+from spinlm.rewards import get_reward_fn
+from spinlm.workers.fsdp_workers import load_tokenizer
+
+
+@pytest.mark.parametrize("n,c,k,expected", [
+    (5, 0, 1, 0.0),
+    (5, 5, 3, 1.0),
+    (5, 1, 1, 0.2),                  # pass@1 is the fraction correct
+    (5, 2, 2, 1 - 3 / 10),           # 1 - C(3,2)/C(5,2)
+    (10, 3, 4, 1 - 35 / 210),        # 1 - C(7,4)/C(10,4)
+    (4, 1, 4, 1.0),                  # n - c < k: every draw of 4 holds the correct one
+    (200, 13, 100, 1 - comb(187, 100) / comb(200, 100)),  # large n: the product form, no overflow
+])
+def test_pass_at_k_hand_values(n, c, k, expected):
+    assert pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("n,c,k", [(3, 4, 1), (3, 1, 4), (3, 1, 0), (3, -1, 1)])
+def test_pass_at_k_rejects_impossible_counts(n, c, k):
+    with pytest.raises(ValueError, match="pass_at_k"):
+        pass_at_k(n, c, k)
+
+
+def smoke(tmp_path: Path, *extra: str):
+    return load_config(["preset=smoke", f"trainer.output_dir={tmp_path / 'run'}", *extra])
+
+
+def test_pass_at_k_metrics_from_scored_samples(tiny_task, tmp_path):
+    cfg = smoke(tmp_path, "data.val_max_samples=2")
+    tok = load_tokenizer(str(tiny_task / "sft_model"))
+    items = load_val_items(cfg, tok)
+    right = lambda it: tok(f"so #### {it.example.ground_truth}").input_ids  # noqa: E731
+    wrong = tok("so #### -1").input_ids
+    samples = [[right(items[0]), wrong, wrong, wrong], [wrong, wrong, wrong, wrong]]  # 1 of 4, 0 of 4 correct
+    m = pass_at_k_metrics(items, samples, tok, get_reward_fn(cfg.reward), [1, 2, 4])
+    assert m["val/pass@1"] == pytest.approx((0.25 + 0) / 2)
+    assert m["val/pass@2"] == pytest.approx((1 - comb(3, 2) / comb(4, 2) + 0) / 2)
+    assert m["val/pass@4"] == pytest.approx((1.0 + 0) / 2)
+    assert m["val/pass@1/tiny_arith"] == m["val/pass@1"]
+
+
+def test_evaluate_a_run_gives_the_trainers_val_acc_per_round(tiny_task, tmp_path):
+    run(smoke(tmp_path, "trainer.rounds=2", "trainer.eval_before_training=false"))
+    run_dir = tmp_path / "run"
+    logged = {r["round"]: r["val/acc"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+              if r["kind"] == "val"}
+    rows = evaluate_path(run_dir, ["eval.n=3"])
+    assert [r["round"] for r in rows] == ["1", "2"]
+    for r in rows:
+        assert r["val/acc"] == logged[int(r["round"])]  # the same prompts, greedy, same batches: exactly equal
+        assert r["val/prompts"] == 32.0
+        assert 0 <= r["val/pass@1"] <= r["val/pass@3"] <= 1
+    table = format_table(rows).splitlines()
+    assert table[0].split() == ["round", "val/prompts", "val/acc", "val/response_length", "val/pass@1", "val/pass@3"]
+    assert [line.split()[0] for line in table[1:]] == ["1", "2"]
+
+    # one checkpoint of the run: the run's own config is the base, so the same number comes back
+    (only,) = evaluate_path(run_dir / "checkpoints" / "1")
+    assert only["val/acc"] == logged[1] and "val/pass@1" not in only
+
+    # the command as users type it, in a fresh process
+    out = tmp_path / "eval.json"
+    done = subprocess.run([sys.executable, "-m", "spinlm.cli", "evaluate", str(run_dir / "checkpoints" / "2"),
+                           "data.val_max_samples=8", "--output", str(out)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[1].split()[:3] == ["2", "8.0000", f"{json.loads(out.read_text())[0]['val/acc']:.4f}"]
+    assert "val/acc/tiny_arith" in json.loads(out.read_text())[0]
+
+
+def test_evaluate_bad_inputs_name_the_problem(tiny_task, tmp_path):
+    with pytest.raises(UserError, match="neither a run directory"):
+        find_checkpoints(tmp_path)
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(UserError, match="no complete checkpoint"):
+        find_checkpoints(tmp_path)
+    model = str(tiny_task / "sft_model")
+    # a bare model folder: no run config, so the val files come from the preset or the command line
+    with pytest.raises(ConfigError, match="data.val_files=null: spinlm evaluate needs held-out prompts"):
+        evaluate_path(model, ["data.val_files=null"])
+    cfg = load_config([f"model.path={model}", f"data.val_files={tiny_task / 'val.parquet'}", "eval.n=2",
+                       "eval.pass_k=[1,3]", "eval.lm_eval_include_path=/nonexistent"])
+    assert check_eval_config(cfg) == [
+        "eval.pass_k=[1, 3]: eval.pass_k[1]=3 must be in [1, eval.n=2] (the unbiased estimator needs at least k samples)",
+        "eval.lm_eval_include_path=/nonexistent: no such directory (a folder of lm-eval task YAMLs)",
+    ]
+    OmegaConf.update(cfg, "eval.n", 0)
+    OmegaConf.update(cfg, "eval.lm_eval_include_path", None)
+    assert check_eval_config(cfg) == ["eval.pass_k=[1, 3]: pass@k needs samples; set eval.n (samples per prompt) "
+                                      ">= max(k)"]
+
+
+def test_lm_eval_custom_local_task_scores_what_spinlm_generates(tiny_task, tmp_path):
+    """A generate_until task read from a local jsonl (no network): the harness's exact match on the model's own
+    greedy continuation (made here with spinlm's engine) is 1, on a wrong target 0."""
+    pytest.importorskip("lm_eval")
+    from spinlm.evaluate import eos_ids_of
+    from spinlm.lm_eval_tasks import run_lm_eval
+    from spinlm.rollout.hf_rollout import SamplingParams, generate
+    from spinlm.workers.fsdp_workers import load_model
+
+    path = str(tiny_task / "sft_model")
+    model = load_model(path, dtype="float32", attn_implementation="sdpa", device="cpu").eval()
+    tok = load_tokenizer(path)
+    questions = ["Noah has 17 coins. He uses 10. How many coins does Noah have now?", "Mia has 3 cups. She buys 4."]
+    out = generate(model, [tok(q, add_special_tokens=False).input_ids for q in questions],
+                   SamplingParams(max_new_tokens=8, greedy=True), pad_id=tok.pad_token_id,
+                   eos_ids=eos_ids_of(tok, model), progress=False)
+    own = [tok.decode(r[0], skip_special_tokens=True) for r in out.responses]
+    rows = [{"question": questions[0], "answer": own[0]}, {"question": questions[1], "answer": own[1] + " no"}]
+    (tmp_path / "tiny.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "tiny_gen.yaml").write_text(f"""task: tiny_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {tmp_path / 'tiny.jsonl'}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{question}}}}"
+doc_to_target: "{{{{answer}}}}"
+target_delimiter: ""
+generation_kwargs:
+  until: ["</s>"]
+  max_gen_toks: 8
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+""")
+    metrics = run_lm_eval(model, tok, ["tiny_gen"], include_path=str(tmp_path), batch_size=2)
+    assert metrics == {"lm_eval/tiny_gen/exact_match": 0.5}
