@@ -42,6 +42,15 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _cmd_prepare(args) -> int:
+    from spinlm.data.prepare import GSM8K_INSTRUCTION, prepare
+
+    n = prepare(args.dataset, args.input, args.output, split=args.split, limit=args.limit, data_source=args.data_source,
+                instruction=GSM8K_INSTRUCTION if args.instruction is None else args.instruction)
+    print(f"spinlm prepare {args.dataset}: wrote {n} rows to {args.output}")
+    return 0
+
+
 def _cmd_config(args) -> int:
     from spinlm.config_check import check_config
 
@@ -86,6 +95,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="also write every metric (per data_source too) as JSON to this file")
     p.add_argument("--debug", action="store_true", help="show Python tracebacks")
     p.set_defaults(func=_cmd_evaluate)
+
+    text = "convert a local GSM8K / UltraChat / chat-messages file into verl-format rows spinlm reads"
+    p = sub.add_parser("prepare", help=text, description=text)
+    p.add_argument("dataset", choices=["gsm8k", "ultrachat", "messages"],
+                   help="gsm8k: question/answer jsonl; ultrachat: messages (first user turn -> first assistant turn, "
+                        "the SPIN paper's recipe); messages: any chat file (last assistant turn is the answer)")
+    p.add_argument("--input", required=True, help="a parquet, jsonl or json file")
+    p.add_argument("--output", required=True, help="the .parquet (or .jsonl) file to write")
+    p.add_argument("--split", default="train", help="written to extra_info.split (default train)")
+    p.add_argument("--limit", type=int, help="convert only the first N rows")
+    p.add_argument("--data-source", help="data_source of every row (default: openai/gsm8k, "
+                                         "HuggingFaceH4/ultrachat_200k, or the row's own / chat)")
+    p.add_argument("--instruction", help="gsm8k: text appended to each question (default: verl's "
+                                         "'Let's think step by step ... after \"####\".'; '' for none)")
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    p.set_defaults(func=_cmd_prepare)
 
     p = sub.add_parser("config", help="print the resolved config or check it", description="config show | check")
     p.add_argument("action", choices=["show", "check"], help="show: print the resolved YAML; check: run every safety rule")
