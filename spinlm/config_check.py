@@ -53,6 +53,7 @@ TYPE_OVERRIDES: dict[str, tuple[str, ...]] = {
     "data.val_max_samples": ("null", "int"),
     "algorithm.beta": ("float", "list[float]"),
     "reward.custom_path": ("null", "str"),
+    "reward.model_path": ("null", "str"),
     "ray.address": ("null", "str"),
     "actor.max_tokens_per_micro_batch": ("null", "int"),
     "trainer.keep_last_checkpoints": ("null", "int"),
@@ -351,6 +352,8 @@ RANGES: dict[str, _Bound] = {
     "sft.lr": (0, False, None, False, False),
     "sft.warmup_ratio": (0, True, 1, False, False),
     "sft.max_examples": (1, True, None, False, True),
+    "reward.model_batch_size": (1, True, None, False, False),
+    "reward.model_max_length": (1, True, None, False, False),
     "eval.n": (0, True, None, False, False),
     "eval.temperature": (0, False, None, False, False),
     "eval.top_p": (0, False, 1, True, False),
@@ -544,11 +547,17 @@ def _check_output_dirs(v: _Values) -> list[str]:
 
 
 def _check_reward(v: _Values) -> list[str]:
+    problems = []
+    if v.has("reward.model_path") and v["reward.model_path"] is not None:
+        problems += _read_model_config("reward.model_path", v["reward.model_path"])[0]
+    elif v.has("reward.weights.rule") and v["reward.weights.rule"] == 0:
+        problems.append("reward.weights.rule=0: with no reward.model_path there would be no reward at all "
+                        "(set reward.model_path, or a non-zero rule weight)")
     if not v.has("reward.custom_path", "reward.custom_name") or v["reward.custom_path"] is None:
-        return []
+        return problems
     from spinlm.rewards import check_reward
 
-    return list(check_reward(v.section("reward")))
+    return problems + list(check_reward(v.section("reward")))
 
 
 def _check_eval(v: _Values) -> list[str]:

@@ -18,7 +18,8 @@ from spinlm.data.formats import load_examples
 from spinlm.rewards import get_reward_fn, score_samples
 from spinlm.spin_trainer import SpinTrainer, TrainerState
 from spinlm.tracking import Tracker
-from spinlm.workers.fsdp_workers import load_tokenizer
+from spinlm.rewards.reward_model import build_reward
+from spinlm.workers.fsdp_workers import DTYPES, load_tokenizer, pick_device
 from spinlm.workers.worker_group import make_worker_group
 
 
@@ -98,7 +99,10 @@ def run(cfg) -> list[dict]:
     train_items, stats = load_items(cfg, tokenizer, cfg.data.train_files, need_response=cfg.algorithm.mode == "spin")
     val_items = load_val_items(cfg, tokenizer) if cfg.data.val_files else []
     reward_fn = get_reward_fn(cfg.reward)
-    preflight_reward(reward_fn, val_items + train_items)
+    if cfg.reward.weights.rule != 0 or not cfg.reward.model_path:  # a zero weight: the rule reward never runs
+        preflight_reward(reward_fn, val_items + train_items)
+    # the reward model (if any) lives with the driver, which judges samples; it loads before anything is written
+    reward = build_reward(cfg.reward, reward_fn, device=pick_device(cfg.trainer.device), dtype=DTYPES[cfg.model.dtype])
 
     state = TrainerState()
     model_path = cfg.model.path
@@ -124,7 +128,8 @@ def run(cfg) -> list[dict]:
             tracker.log({"data/train_rows": float(len(train_items)), "data/val_rows": float(len(val_items)),
                          **{f"data/{k}": float(v) for k, v in stats.items()}}, round=state.next_round + 1,
                         step=state.global_step, kind="data")
-            trainer = SpinTrainer(cfg, workers, tokenizer, train_items, val_items, reward_fn, run_dir, tracker, state)
+            trainer = SpinTrainer(cfg, workers, tokenizer, train_items, val_items, reward_fn, run_dir, tracker, state,
+                                  reward=reward)
             return trainer.fit()
         finally:
             tracker.close()

@@ -28,7 +28,7 @@ from spinlm.checkpoint import save_checkpoint
 from spinlm.core_algos import apply_missing_eos_penalty, pair_by_reward
 from spinlm.errors import UserError
 from spinlm.evaluate import accuracy_metrics
-from spinlm.rewards import score_samples
+from spinlm.rewards.reward_model import WeightedReward
 from spinlm.rollout.hf_rollout import SamplingParams
 from spinlm.workers.dp_actor import LossSettings, Pairs
 
@@ -63,13 +63,14 @@ class TrainerState:
 
 class SpinTrainer:
     def __init__(self, cfg, workers, tokenizer, train_items, val_items, reward_fn, run_dir: Path, tracker,
-                 state: TrainerState):
+                 state: TrainerState, reward: WeightedReward | None = None):
         self.cfg = cfg
         self.workers = workers  # a worker group: one in-process rank, or Ray actors
         self.tokenizer = tokenizer
         self.train_items = train_items
         self.val_items = val_items
-        self.reward_fn = reward_fn
+        self.reward_fn = reward_fn  # the rule reward: val accuracy
+        self.reward = reward or WeightedReward(reward_fn, None)  # what judges samples: rule and/or reward model
         self.run_dir = Path(run_dir)
         self.tracker = tracker
         self.state = state
@@ -311,9 +312,7 @@ class SpinTrainer:
         """Reward of each sample; in spin (required=False) only when every item has a ground truth."""
         if not required and any(it.example.ground_truth is None for it in items):
             return None
-        texts = self.tokenizer.batch_decode(samples, skip_special_tokens=True)
-        return score_samples(self.reward_fn, [(it.example.data_source, txt, it.example.ground_truth,
-                                               it.example.extra_info, it.example.origin) for it, txt in zip(items, texts)])
+        return self.reward.score(items, self.tokenizer.batch_decode(samples, skip_special_tokens=True))
 
     def evaluate(self) -> dict:
         with self.timer("eval"):
