@@ -3,6 +3,7 @@ from its config and saved with the bundled task's tokenizer, as a local Hugging 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,9 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, Llama
 
 from spinlm.config import load_config
 from spinlm.main_spin import run
+from spinlm.workers.dp_actor import LossSettings, Pairs
 from spinlm.workers.fsdp_workers import decoder_layers, load_tokenizer
+from spinlm.workers.worker_group import LocalWorkerGroup
 from spinlm.workers.logprobs import pack_sequences, packed_response_logps
 
 DECODER = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -127,3 +130,18 @@ def test_one_spin_round_and_the_checkpoint_loads_in_plain_transformers(arch, tin
     saved, original = PreTrainedTokenizerFast.from_pretrained(ckpt), AutoTokenizer.from_pretrained(tiny_task / "tokenizer")
     text = "Noah has 17 coins.\n#### 7"
     assert saved(text).input_ids == original(text).input_ids and saved.chat_template == original.chat_template
+
+
+def test_policy_trains_without_dropout(tiny_task, tmp_path):
+    """GPT-2's config has dropout 0.1. The opponent's log-probs are computed in eval mode, so at the first step (policy
+    == opponent) the sigmoid loss must be exactly log 2, which dropout would break."""
+    folder = save_model_dir("gpt2", tiny_task, tmp_path / "gpt2")
+    cfg = load_config(["preset=smoke", f"model.path={folder}", f"trainer.output_dir={tmp_path / 'run'}"])
+    group = LocalWorkerGroup(cfg, str(folder), keep_opponent=False)
+    gen = torch.Generator().manual_seed(0)
+    seq = lambda n: torch.randint(5, 400, (n,), generator=gen).tolist()  # noqa: E731
+    pairs = Pairs([seq(6) for _ in range(8)], [seq(5) for _ in range(8)], [seq(4) for _ in range(8)])
+    ref_c, ref_r = group.sequence_logps(pairs.prompts, pairs.chosen), group.sequence_logps(pairs.prompts, pairs.rejected)
+    group.start_schedule(1)
+    loss = group.update(pairs, ref_c, ref_r, LossSettings(beta=0.1))["loss"]
+    assert loss == pytest.approx(math.log(2), abs=1e-6)

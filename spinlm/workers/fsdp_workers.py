@@ -72,6 +72,17 @@ def load_model(path: str, *, dtype: str, attn_implementation: str, device, trust
     return model.to(device)
 
 
+def disable_dropout(model) -> None:
+    """Preference losses compare the policy's log-probs with the opponent's, which are computed without dropout: with
+    dropout on (GPT-2 ships 0.1) the two differ at equal weights and the first step's loss is not log 2. TRL's
+    DPOTrainer turns dropout off by default for the same reason."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):  # Llama/Qwen/Mistral read a float, not a module
+            m.attention_dropout = 0.0
+
+
 def decoder_layers(model) -> torch.nn.ModuleList:
     base = model.base_model
     for name in ("layers", "h", "blocks"):  # Llama/Qwen/Mistral, GPT-2, others
@@ -149,6 +160,7 @@ class PolicyWorker:
         model = load_model(path, dtype="float32" if self.distributed and c.dtype == "bfloat16" else c.dtype,
                            attn_implementation=c.attn_implementation, device=self.device,
                            trust_remote_code=c.trust_remote_code)
+        disable_dropout(model)
         if c.gradient_checkpointing and not frozen:
             model.gradient_checkpointing_enable()
         wrapper = ResponseLogProbs(model, chunk=self.cfg.actor.logprob_chunk_size)
