@@ -327,7 +327,7 @@ RANGES: dict[str, _Bound] = {
     "actor.grad_clip": (0, False, None, False, False),
     "actor.micro_batch_size": (1, True, None, False, False),
     "actor.max_tokens_per_micro_batch": (1, True, None, False, True),
-    "actor.logprob_chunk_size": (1, True, None, False, False),
+    "actor.logprob_chunk_size": (1, True, None, False, True),
     "trainer.rounds": (1, True, None, False, False),
     "trainer.epochs_per_round": (1, True, None, False, False),
     "trainer.train_batch_size": (1, True, None, False, False),
