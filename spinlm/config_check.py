@@ -27,7 +27,7 @@ MISSING = "???"
 
 ENUMS: dict[str, tuple[str, ...]] = {
     "algorithm.mode": ("spin", "online_dpo"),
-    "algorithm.loss_type": ("sigmoid", "hinge", "ipo", "exponential", "robust", "sppo_hard", "bco_pair"),
+    "algorithm.loss_type": ("sigmoid", "hinge", "ipo", "exponential", "robust", "sppo_hard", "bco_pair", "sft"),
     "data.format": ("auto", "messages", "verl", "spin", "plain", "preference"),
     "data.truncation": ("error", "left", "right", "drop"),
     "actor.optimizer": ("adamw", "rmsprop"),
@@ -56,6 +56,7 @@ TYPE_OVERRIDES: dict[str, tuple[str, ...]] = {
     "ray.address": ("null", "str"),
     "actor.max_tokens_per_micro_batch": ("null", "int"),
     "trainer.keep_last_checkpoints": ("null", "int"),
+    "trainer.val_pass_k": ("null", "int"),
     "trainer.threads": ("null", "int"),
     "sft.max_examples": ("null", "int"),
     "sft.output_dir": ("null", "str"),
@@ -336,6 +337,7 @@ RANGES: dict[str, _Bound] = {
     "trainer.cpu_workers": (1, True, None, False, False),
     "trainer.log_every": (1, True, None, False, False),
     "trainer.keep_last_checkpoints": (1, True, None, False, True),
+    "trainer.val_pass_k": (1, True, None, False, True),
     "trainer.max_bad_steps": (0, True, None, False, False),
     "trainer.collapse_threshold": (0, False, None, False, False),
     "trainer.threads": (1, True, None, False, True),
@@ -393,10 +395,14 @@ def _check_beta(v: _Values) -> list[str]:
 
 
 def _check_mode(v: _Values) -> list[str]:
+    problems = []
     if v.has("algorithm.mode", "rollout.n") and v["algorithm.mode"] == "online_dpo" and v["rollout.n"] < 2:
-        return [f"rollout.n={v['rollout.n']}: algorithm.mode=online_dpo needs rollout.n >= 2 (each pair is the best "
-                "vs the worst of n samples of the same prompt)"]
-    return []
+        problems.append(f"rollout.n={v['rollout.n']}: algorithm.mode=online_dpo needs rollout.n >= 2 (each pair is "
+                        "the best vs the worst of n samples of the same prompt)")
+    if v.has("algorithm.loss_type", "algorithm.sft_weight") and v["algorithm.loss_type"] == "sft" and v["algorithm.sft_weight"] <= 0:
+        problems.append(f"algorithm.sft_weight={v['algorithm.sft_weight']}: algorithm.loss_type=sft trains only the "
+                        "SFT term, so it needs algorithm.sft_weight > 0")
+    return problems
 
 
 def _check_batches(v: _Values) -> list[str]:

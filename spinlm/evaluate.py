@@ -1,6 +1,7 @@
-"""Held-out accuracy: greedy answers scored by the reward function, overall and per data_source."""
+"""Held-out accuracy: greedy answers scored by the reward function, overall and per data_source; pass@k of sampled ones."""
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 from spinlm.rewards import score_samples
@@ -27,6 +28,31 @@ def accuracy_metrics(items, responses: list[list[int]], tokenizer, reward_fn) ->
     metrics.update({f"val/acc/{k}": sum(v) / len(v) for k, v in sorted(by_source.items())})
     metrics["val/response_length"] = sum(map(len, responses)) / max(len(responses), 1)
     return metrics
+
+
+def pass_at_k(n: int, correct: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which `correct` are right (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
+    if not 0 <= correct <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k: need 0 <= correct <= n and 1 <= k <= n, got n={n}, correct={correct}, k={k}")
+    if n - correct < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - correct + 1, n + 1))
+
+
+def sampled_metrics(items, responses: list[list[list[int]]], tokenizer, reward_fn, k: int) -> dict[str, float]:
+    """Score n >= k sampled responses per item: {"val/pass@k", "val/mean@k"}. A sample is right when its reward is
+    > 0 (the rule rewards give 1 for a right answer and 0 otherwise)."""
+    flat = [(it, r) for it, rs in zip(items, responses) for r in rs]
+    texts = tokenizer.batch_decode([r for _, r in flat], skip_special_tokens=True)
+    scores = score_samples(reward_fn, [(it.example.data_source, t, it.example.ground_truth, it.example.extra_info,
+                                        it.example.origin) for (it, _), t in zip(flat, texts)])
+    per_item, pos = [], 0
+    for rs in responses:
+        per_item.append(scores[pos : pos + len(rs)])
+        pos += len(rs)
+    n_items = max(len(per_item), 1)
+    return {f"val/pass@{k}": sum(pass_at_k(len(s), sum(x > 0 for x in s), k) for s in per_item) / n_items,
+            f"val/mean@{k}": sum(sum(s) / len(s) for s in per_item) / n_items}
 
 
 def evaluate_accuracy(model, tokenizer, items, reward_fn, *, max_new_tokens: int, batch_size: int = 64,

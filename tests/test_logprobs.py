@@ -259,7 +259,8 @@ def test_preference_step_skips_non_finite_loss():
 @pytest.mark.parametrize("settings", [
     LossSettings(beta=BETA),
     LossSettings(beta=BETA, loss_type="ipo", length_normalize=True, sft_weight=0.5, dpop_lambda=1.0),
-], ids=["sigmoid", "ipo_lengthnorm_sft_dpop"])
+    LossSettings(beta=BETA, loss_type="sft", sft_weight=1.0),
+], ids=["sigmoid", "ipo_lengthnorm_sft_dpop", "sft_only"])
 def test_preference_step_gradient_is_full_batch_mean(settings):
     """AdamW's first step is blind to a uniform gradient scale, so this checks the gradient itself: with SGD at
     lr = 1 and no clipping the parameter change IS minus the gradient, which must be that of the mean loss over
