@@ -11,6 +11,7 @@ rules, so each mistake is reported once.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import json
 import os
 import re
@@ -57,6 +58,7 @@ TYPE_OVERRIDES: dict[str, tuple[str, ...]] = {
     "actor.max_tokens_per_micro_batch": ("null", "int"),
     "trainer.keep_last_checkpoints": ("null", "int"),
     "trainer.val_pass_k": ("null", "int"),
+    "model.lora.target_modules": ("str", "list[str]"),
     "trainer.threads": ("null", "int"),
     "sft.max_examples": ("null", "int"),
     "sft.output_dir": ("null", "str"),
@@ -338,6 +340,9 @@ RANGES: dict[str, _Bound] = {
     "trainer.log_every": (1, True, None, False, False),
     "trainer.keep_last_checkpoints": (1, True, None, False, True),
     "trainer.val_pass_k": (1, True, None, False, True),
+    "model.lora.rank": (0, True, None, False, False),
+    "model.lora.alpha": (0, False, None, False, False),
+    "model.lora.dropout": (0, True, 1, False, False),
     "trainer.max_bad_steps": (0, True, None, False, False),
     "trainer.collapse_threshold": (0, False, None, False, False),
     "trainer.threads": (1, True, None, False, True),
@@ -417,6 +422,20 @@ def _check_batches(v: _Values) -> list[str]:
     how = f"trainer.nnodes x trainer.n_gpus_per_node = {nnodes} x {gpus}" if gpus > 0 else f"trainer.cpu_workers = {cpus}"
     return [f"trainer.train_batch_size={batch}: must be divisible by actor.micro_batch_size x world size = "
             f"{micro} x {world} = {micro * world} (world size = {how})"]
+
+
+def _check_lora(v: _Values) -> list[str]:
+    if not v.has("model.lora.rank") or v["model.lora.rank"] == 0:
+        return []
+    problems = []
+    if importlib.util.find_spec("peft") is None:
+        problems.append(f"model.lora.rank={v['model.lora.rank']}: LoRA needs peft (pip install \"spinlm[lora]\")")
+    if v.has("trainer.nnodes", "trainer.n_gpus_per_node", "trainer.cpu_workers"):
+        gpus, cpus = v["trainer.nnodes"] * v["trainer.n_gpus_per_node"], v["trainer.cpu_workers"]
+        if (gpus if gpus > 0 else cpus) > 1:
+            problems.append(f"model.lora.rank={v['model.lora.rank']}: LoRA runs on one rank for now (world size "
+                            f"{gpus if gpus > 0 else cpus}); use full fine-tuning with FSDP2 across ranks")
+    return problems
 
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -570,7 +589,7 @@ def _check_gpus(v: _Values) -> list[str]:
 
 
 RULES: tuple[Callable[[_Values], list[str]], ...] = (
-    _check_enums, _check_ranges, _check_beta, _check_mode, _check_batches, _check_model, _check_attention,
+    _check_enums, _check_ranges, _check_beta, _check_mode, _check_batches, _check_lora, _check_model, _check_attention,
     _check_data_files, _check_output_dirs, _check_reward, _check_gpus,
 )
 

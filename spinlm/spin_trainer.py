@@ -139,6 +139,7 @@ class SpinTrainer:
                     last = self.train_step(t, pairs.select(idx), ref_chosen[idx], ref_rejected[idx])
                     bar.update(1)
             bar.close()
+        self.workers.refresh_opponent()  # keeps no copy in full fine-tuning; with LoRA, merges the adapter
         return {**rollout_metrics, **last}
 
     def judge_against_ground_truth(self, items, rollout) -> tuple[RoundPairs, dict]:
