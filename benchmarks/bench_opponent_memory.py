@@ -40,7 +40,7 @@ def child(args) -> None:
     prompts = [torch.randint(3, args.vocab, (64,), generator=g).tolist() for _ in range(n)]
     chosen = [torch.randint(3, args.vocab, (64,), generator=g).tolist() for _ in range(n)]
     rejected = [torch.randint(3, args.vocab, (64,), generator=g).tolist() for _ in range(n)]
-    actor = DataParallelActor(ResponseLogProbs(model, chunk=1024), micro_batch_size=4, max_tokens_per_micro_batch=None)
+    actor = DataParallelActor(ResponseLogProbs(model), micro_batch_size=4, max_tokens_per_micro_batch=None)
     ref = ResponseLogProbs(opponent) if opponent is not None else actor.module
     ref_c = actor.sequence_logps(prompts, chosen, module=ref)
     ref_r = actor.sequence_logps(prompts, rejected, module=ref)

@@ -38,7 +38,7 @@ MODELS = {
     "25m": dict(vocab=32000, hidden=384, layers=6, heads=6, inter=1024, tie=True,
                 prompt=(64, 256), response=(32, 512), batch=4, steps=6),
     "152k": dict(vocab=152064, hidden=256, layers=2, heads=4, inter=768, tie=True,
-                 prompt=(512, 512), response=(512, 512), batch=2, steps=4),
+                 prompt=(512, 512), response=(512, 512), batch=2, steps=6),
 }
 VARIANTS = ["spinlm", "trl", "trl_precompute"]
 
@@ -85,7 +85,7 @@ def run_spinlm(spec: dict) -> dict:
 
     model = build_model(spec)
     prompts, chosen, rejected = make_pairs(spec)
-    actor = DataParallelActor(ResponseLogProbs(model, chunk=1024), micro_batch_size=spec["batch"],
+    actor = DataParallelActor(ResponseLogProbs(model), micro_batch_size=spec["batch"],
                               max_tokens_per_micro_batch=None)
     t0 = time.perf_counter()
     ref_c = actor.sequence_logps(prompts, chosen)

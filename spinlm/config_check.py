@@ -11,6 +11,7 @@ rules, so each mistake is reported once.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import json
 import os
 import re
@@ -27,7 +28,7 @@ MISSING = "???"
 
 ENUMS: dict[str, tuple[str, ...]] = {
     "algorithm.mode": ("spin", "online_dpo"),
-    "algorithm.loss_type": ("sigmoid", "hinge", "ipo", "exponential", "robust", "sppo_hard", "bco_pair"),
+    "algorithm.loss_type": ("sigmoid", "hinge", "ipo", "exponential", "robust", "sppo_hard", "bco_pair", "sft"),
     "data.format": ("auto", "messages", "verl", "spin", "plain", "preference"),
     "data.truncation": ("error", "left", "right", "drop"),
     "actor.optimizer": ("adamw", "rmsprop"),
@@ -57,10 +58,14 @@ TYPE_OVERRIDES: dict[str, tuple[str, ...]] = {
     "ray.address": ("null", "str"),
     "actor.max_tokens_per_micro_batch": ("null", "int"),
     "trainer.keep_last_checkpoints": ("null", "int"),
+    "trainer.val_pass_k": ("null", "int"),
+    "model.lora.target_modules": ("str", "list[str]"),
     "trainer.threads": ("null", "int"),
     "sft.max_examples": ("null", "int"),
     "sft.output_dir": ("null", "str"),
     "eval.pass_k": ("null", "list[int]"),
+    "eval.temperature": ("null", "float"),
+    "eval.top_p": ("null", "float"),
     "eval.lm_eval_tasks": ("list[str]",),
     "eval.lm_eval_include_path": ("null", "str"),
     "eval.lm_eval_limit": ("null", "int"),
@@ -335,7 +340,7 @@ RANGES: dict[str, _Bound] = {
     "actor.grad_clip": (0, False, None, False, False),
     "actor.micro_batch_size": (1, True, None, False, False),
     "actor.max_tokens_per_micro_batch": (1, True, None, False, True),
-    "actor.logprob_chunk_size": (1, True, None, False, False),
+    "actor.logprob_chunk_size": (1, True, None, False, True),
     "trainer.rounds": (1, True, None, False, False),
     "trainer.epochs_per_round": (1, True, None, False, False),
     "trainer.train_batch_size": (1, True, None, False, False),
@@ -344,6 +349,10 @@ RANGES: dict[str, _Bound] = {
     "trainer.cpu_workers": (1, True, None, False, False),
     "trainer.log_every": (1, True, None, False, False),
     "trainer.keep_last_checkpoints": (1, True, None, False, True),
+    "trainer.val_pass_k": (1, True, None, False, True),
+    "model.lora.rank": (0, True, None, False, False),
+    "model.lora.alpha": (0, False, None, False, False),
+    "model.lora.dropout": (0, True, 1, False, False),
     "trainer.max_bad_steps": (0, True, None, False, False),
     "trainer.collapse_threshold": (0, False, None, False, False),
     "trainer.threads": (1, True, None, False, True),
@@ -355,8 +364,8 @@ RANGES: dict[str, _Bound] = {
     "reward.model_batch_size": (1, True, None, False, False),
     "reward.model_max_length": (1, True, None, False, False),
     "eval.n": (0, True, None, False, False),
-    "eval.temperature": (0, False, None, False, False),
-    "eval.top_p": (0, False, 1, True, False),
+    "eval.temperature": (0, False, None, False, True),
+    "eval.top_p": (0, False, 1, True, True),
     "eval.lm_eval_limit": (1, True, None, False, True),
     "eval.lm_eval_num_fewshot": (0, True, None, False, True),
 }
@@ -408,10 +417,14 @@ def _check_beta(v: _Values) -> list[str]:
 
 
 def _check_mode(v: _Values) -> list[str]:
+    problems = []
     if v.has("algorithm.mode", "rollout.n") and v["algorithm.mode"] == "online_dpo" and v["rollout.n"] < 2:
-        return [f"rollout.n={v['rollout.n']}: algorithm.mode=online_dpo needs rollout.n >= 2 (each pair is the best "
-                "vs the worst of n samples of the same prompt)"]
-    return []
+        problems.append(f"rollout.n={v['rollout.n']}: algorithm.mode=online_dpo needs rollout.n >= 2 (each pair is "
+                        "the best vs the worst of n samples of the same prompt)")
+    if v.has("algorithm.loss_type", "algorithm.sft_weight") and v["algorithm.loss_type"] == "sft" and v["algorithm.sft_weight"] <= 0:
+        problems.append(f"algorithm.sft_weight={v['algorithm.sft_weight']}: algorithm.loss_type=sft trains only the "
+                        "SFT term, so it needs algorithm.sft_weight > 0")
+    return problems
 
 
 def _check_batches(v: _Values) -> list[str]:
@@ -426,6 +439,20 @@ def _check_batches(v: _Values) -> list[str]:
     how = f"trainer.nnodes x trainer.n_gpus_per_node = {nnodes} x {gpus}" if gpus > 0 else f"trainer.cpu_workers = {cpus}"
     return [f"trainer.train_batch_size={batch}: must be divisible by actor.micro_batch_size x world size = "
             f"{micro} x {world} = {micro * world} (world size = {how})"]
+
+
+def _check_lora(v: _Values) -> list[str]:
+    if not v.has("model.lora.rank") or v["model.lora.rank"] == 0:
+        return []
+    problems = []
+    if importlib.util.find_spec("peft") is None:
+        problems.append(f"model.lora.rank={v['model.lora.rank']}: LoRA needs peft (pip install \"spinlm[lora]\")")
+    if v.has("trainer.nnodes", "trainer.n_gpus_per_node", "trainer.cpu_workers"):
+        gpus, cpus = v["trainer.nnodes"] * v["trainer.n_gpus_per_node"], v["trainer.cpu_workers"]
+        if (gpus if gpus > 0 else cpus) > 1:
+            problems.append(f"model.lora.rank={v['model.lora.rank']}: LoRA runs on one rank for now (world size "
+                            f"{gpus if gpus > 0 else cpus}); use full fine-tuning with FSDP2 across ranks")
+    return problems
 
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -601,7 +628,7 @@ def _check_gpus(v: _Values) -> list[str]:
 
 
 RULES: tuple[Callable[[_Values], list[str]], ...] = (
-    _check_enums, _check_ranges, _check_beta, _check_mode, _check_batches, _check_model, _check_attention,
+    _check_enums, _check_ranges, _check_beta, _check_mode, _check_batches, _check_lora, _check_model, _check_attention,
     _check_data_files, _check_output_dirs, _check_reward, _check_gpus, _check_eval,
 )
 # `spinlm evaluate` trains nothing: no schedule, batch, mode or output rules, and the train files may be unset

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exponential", "robust", "sppo_hard", "bco_pair")
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exponential", "robust", "sppo_hard", "bco_pair", "sft")
 
 
 def preference_loss(
@@ -50,6 +50,8 @@ def preference_loss(
         return (chosen_ratio - 0.5 / beta) ** 2 + (rejected_ratio + 0.5 / beta) ** 2
     if loss_type == "bco_pair":  # BCO on pairs with the reward shift delta fixed at 0 (TRL keeps a running mean)
         return -F.logsigmoid(beta * chosen_ratio) - F.logsigmoid(-beta * rejected_ratio)
+    if loss_type == "sft":  # no preference term (TRL's "sft" loss type): only algorithm.sft_weight's NLL on chosen
+        return torch.zeros_like(h)
     raise ValueError(f"algorithm.loss_type={loss_type!r}: expected one of {LOSS_TYPES}")
 
 

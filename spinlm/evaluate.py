@@ -1,6 +1,7 @@
-"""Held-out accuracy: greedy answers scored by the reward function, overall and per data_source."""
+"""Held-out accuracy: greedy answers scored by the reward function, overall and per data_source; pass@k of sampled ones."""
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 from spinlm.rewards import score_samples
@@ -29,6 +30,37 @@ def accuracy_metrics(items, responses: list[list[int]], tokenizer, reward_fn) ->
     return metrics
 
 
+def pass_at_k(n: int, correct: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which `correct` are right (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
+    if not 0 <= correct <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k: need 0 <= correct <= n and 1 <= k <= n, got n={n}, correct={correct}, k={k}")
+    if n - correct < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - correct + 1, n + 1))
+
+
+def sample_scores(items, responses: list[list[list[int]]], tokenizer, reward_fn) -> list[list[float]]:
+    """The reward of every sampled response: [item][sample]."""
+    flat = [(it, r) for it, rs in zip(items, responses) for r in rs]
+    texts = tokenizer.batch_decode([r for _, r in flat], skip_special_tokens=True)
+    scores = score_samples(reward_fn, [(it.example.data_source, t, it.example.ground_truth, it.example.extra_info,
+                                        it.example.origin) for (it, _), t in zip(flat, texts)])
+    per_item, pos = [], 0
+    for rs in responses:
+        per_item.append(scores[pos : pos + len(rs)])
+        pos += len(rs)
+    return per_item
+
+
+def sampled_metrics(items, responses: list[list[list[int]]], tokenizer, reward_fn, k: int) -> dict[str, float]:
+    """Score n >= k sampled responses per item: {"val/pass@k", "val/mean@k"}. A sample is right when its reward is
+    > 0 (the rule rewards give 1 for a right answer and 0 otherwise)."""
+    per_item = sample_scores(items, responses, tokenizer, reward_fn)
+    n_items = max(len(per_item), 1)
+    return {f"val/pass@{k}": sum(pass_at_k(len(s), sum(x > 0 for x in s), k) for s in per_item) / n_items,
+            f"val/mean@{k}": sum(sum(s) / len(s) for s in per_item) / n_items}
+
+
 def evaluate_accuracy(model, tokenizer, items, reward_fn, *, max_new_tokens: int, batch_size: int = 64,
                       progress: bool = False) -> dict[str, float]:
     """Greedy answers of `model` to the items' prompts (TokenizedExamples), scored by the reward function."""
@@ -38,48 +70,31 @@ def evaluate_accuracy(model, tokenizer, items, reward_fn, *, max_new_tokens: int
     return accuracy_metrics(items, [r[0] for r in rollout.responses], tokenizer, reward_fn)
 
 
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k of one problem from n samples of which c are correct (Chen et al. 2021, the Codex paper):
-    1 - C(n-c, k) / C(n, k), computed as a product so that large n does not overflow."""
-    if not (isinstance(n, int) and isinstance(c, int) and isinstance(k, int)) or not 0 <= c <= n or not 1 <= k <= n:
-        raise ValueError(f"pass_at_k: need integers 0 <= c <= n and 1 <= k <= n; got n={n}, c={c}, k={k}")
-    if n - c < k:
-        return 1.0  # every draw of k samples holds a correct one
-    miss = 1.0
-    for i in range(n - c + 1, n + 1):
-        miss *= 1.0 - k / i
-    return 1.0 - miss
-
-
-def pass_at_k_metrics(items, samples: list[list[list[int]]], tokenizer, reward_fn, ks: list[int],
-                      threshold: float = 1.0) -> dict[str, float]:
-    """pass@k over items from n samples each ([item][sample] -> token ids); a sample passes when its reward is
-    >= threshold. {"val/pass@k", "val/pass@k/<data_source>"} for each k."""
-    flat = [(it, s) for it, group in zip(items, samples) for s in group]
-    texts = tokenizer.batch_decode([s for _, s in flat], skip_special_tokens=True)
-    scores = score_samples(reward_fn, [(it.example.data_source, t, it.example.ground_truth, it.example.extra_info,
-                                        it.example.origin) for (it, _), t in zip(flat, texts)])
-    per_item, pos = [], 0
-    for group in samples:
-        per_item.append((len(group), sum(s >= threshold for s in scores[pos : pos + len(group)])))
-        pos += len(group)
+def pass_at_k_metrics(items, samples: list[list[list[int]]], tokenizer, reward_fn, ks: list[int]) -> dict[str, float]:
+    """pass@k for each k from n samples per item ([item][sample] -> token ids), overall and per data_source, and the
+    mean reward of the samples (val/mean@n). Right means reward > 0, as in the trainer's val/pass@k."""
+    per_item = sample_scores(items, samples, tokenizer, reward_fn)
+    n_items = max(len(per_item), 1)
     metrics: dict[str, float] = {}
     for k in ks:
-        values = [pass_at_k(n, c, k) for n, c in per_item]
-        metrics[f"val/pass@{k}"] = sum(values) / max(len(values), 1)
+        values = [pass_at_k(len(s), sum(x > 0 for x in s), k) for s in per_item]
+        metrics[f"val/pass@{k}"] = sum(values) / n_items
         by_source: dict[str, list[float]] = defaultdict(list)
         for it, v in zip(items, values):
             by_source[it.example.data_source].append(v)
         metrics.update({f"val/pass@{k}/{src}": sum(v) / len(v) for src, v in sorted(by_source.items())})
+    n = max((len(s) for s in per_item), default=0)
+    metrics[f"val/mean@{n}"] = sum(sum(s) / len(s) for s in per_item) / n_items
     return metrics
 
 
 def evaluate_pass_at_k(model, tokenizer, items, reward_fn, *, n: int, ks: list[int], max_new_tokens: int,
-                       temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 64,
-                       threshold: float = 1.0, progress: bool = False) -> dict[str, float]:
-    """n sampled answers per prompt (one prefill shared by the n samples), scored by the reward: pass@k."""
-    params = SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+                       temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 1,
+                       batch_size: int = 64, progress: bool = False) -> dict[str, float]:
+    """n sampled answers per prompt (one prefill shared by the n samples), scored by the reward: pass@k. With the
+    trainer's sampling settings, seed and batch size these are the draws behind its val/pass@k."""
+    params = SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
     rollout = generate(model, [it.prompt_ids for it in items], params, pad_id=tokenizer.pad_token_id,
                        eos_ids=eos_ids_of(tokenizer, model), batch_size=batch_size, seed=seed, desc="pass@k",
                        progress=progress)
-    return pass_at_k_metrics(items, rollout.responses, tokenizer, reward_fn, ks, threshold)
+    return pass_at_k_metrics(items, rollout.responses, tokenizer, reward_fn, ks)

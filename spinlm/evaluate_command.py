@@ -73,9 +73,11 @@ def evaluate_model_dir(cfg, model_path: Path, val_items_for) -> dict[str, float]
         metrics = {"val/prompts": float(len(items))}
         metrics.update(evaluate_accuracy(model, tokenizer, items, reward_fn, **common))
         if cfg.eval.n > 0:
-            metrics.update(evaluate_pass_at_k(model, tokenizer, items, reward_fn, n=cfg.eval.n, ks=list(cfg.eval.pass_k),
-                                              temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
-                                              seed=cfg.eval.seed, threshold=cfg.eval.correct_threshold, **common))
+            e, r = cfg.eval, cfg.rollout
+            metrics.update(evaluate_pass_at_k(
+                model, tokenizer, items, reward_fn, n=e.n, ks=list(e.pass_k), seed=e.seed, top_k=r.top_k,
+                temperature=r.temperature if e.temperature is None else e.temperature,
+                top_p=r.top_p if e.top_p is None else e.top_p, **common))
     if cfg.eval.lm_eval_tasks:
         from spinlm.lm_eval_tasks import run_lm_eval
 

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from spinlm.checkpoint import save_checkpoint
 from spinlm.core_algos import apply_missing_eos_penalty, pair_by_reward
 from spinlm.errors import UserError
-from spinlm.evaluate import accuracy_metrics
+from spinlm.evaluate import accuracy_metrics, sampled_metrics
 from spinlm.rewards.reward_model import WeightedReward
 from spinlm.rollout.hf_rollout import SamplingParams
 from spinlm.workers.dp_actor import LossSettings, Pairs
@@ -140,6 +140,7 @@ class SpinTrainer:
                     last = self.train_step(t, pairs.select(idx), ref_chosen[idx], ref_rejected[idx])
                     bar.update(1)
             bar.close()
+        self.workers.refresh_opponent()  # keeps no copy in full fine-tuning; with LoRA, merges the adapter
         return {**rollout_metrics, **last}
 
     def judge_against_ground_truth(self, items, rollout) -> tuple[RoundPairs, dict]:
@@ -315,11 +316,16 @@ class SpinTrainer:
         return self.reward.score(items, self.tokenizer.batch_decode(samples, skip_special_tokens=True))
 
     def evaluate(self) -> dict:
+        prompts = [it.prompt_ids for it in self.val_items]
         with self.timer("eval"):
-            rollout = self.workers.generate([it.prompt_ids for it in self.val_items],
-                                            SamplingParams(max_new_tokens=self.cfg.data.max_response_length, greedy=True),
-                                            seed=0, desc="eval")
-            return accuracy_metrics(self.val_items, [r[0] for r in rollout.responses], self.tokenizer, self.reward_fn)
+            rollout = self.workers.generate(prompts, SamplingParams(max_new_tokens=self.cfg.data.max_response_length,
+                                                                    greedy=True), seed=0, desc="eval")
+            metrics = accuracy_metrics(self.val_items, [r[0] for r in rollout.responses], self.tokenizer, self.reward_fn)
+            k = self.cfg.trainer.val_pass_k
+            if k:  # the same seed every round: rounds are compared on the same random draws
+                sampled = self.workers.generate(prompts, self.sampling(n=k), seed=1, desc=f"eval pass@{k}")
+                metrics.update(sampled_metrics(self.val_items, sampled.responses, self.tokenizer, self.reward_fn, k))
+            return metrics
 
     @contextmanager
     def timer(self, name: str):

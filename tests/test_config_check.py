@@ -103,7 +103,7 @@ def test_unknown_keys_with_suggestion(files, override, expected):
     ("algorithm.beta=[0.1,x]", "algorithm.beta=[0.1, x]: expected a number or a list of numbers (the default is 0.1)"),
     ("trainer=5", "trainer=5: expected a section with keys rounds, epochs_per_round, train_batch_size, seed, "
                   "output_dir, resume, device, launcher, n_gpus_per_node, nnodes, cpu_workers, log_every, eval_before_training, "
-                  "keep_last_checkpoints, max_bad_steps, collapse_threshold, stop_on_collapse, logger, threads"),
+                  "val_pass_k, keep_last_checkpoints, max_bad_steps, collapse_threshold, stop_on_collapse, logger, threads"),
 ])
 def test_types(files, override, expected):
     assert problems_for(files, override) == [expected]
@@ -188,6 +188,12 @@ def test_online_dpo_needs_two_samples(files):
     assert problems_for(files, "rollout.n=0") == ["rollout.n=0: must be >= 1"]
     assert problems_for(files, "algorithm.mode=online_dpo", "rollout.n=0") == ["rollout.n=0: must be >= 1"]
     assert problems_for(files, "algorithm.mode=online_dpo", "rollout.n=2") == []
+
+
+def test_sft_loss_needs_an_sft_weight(files):
+    assert problems_for(files, "algorithm.loss_type=sft") == [
+        "algorithm.sft_weight=0.0: algorithm.loss_type=sft trains only the SFT term, so it needs algorithm.sft_weight > 0"]
+    assert problems_for(files, "algorithm.loss_type=sft", "algorithm.sft_weight=1") == []
 
 
 # ------------------------------------------------------------------------------------------------ ranges

@@ -54,6 +54,8 @@ HAND = {
     "sppo_hard": [(0.5 - 1) ** 2 + (-0.5 + 1) ** 2, (-1 - 1) ** 2 + (1 + 1) ** 2, (1 - 1) ** 2 + (-2 + 1) ** 2],
     # -log sigmoid(beta cr) - log sigmoid(-beta rj) = softplus(-beta cr) + softplus(beta rj)
     "bco_pair": [softplus(-0.25) + softplus(-0.25), softplus(0.5) + softplus(0.5), softplus(-0.5) + softplus(-1.0)],
+    # no preference term: the trainer's sft_weight * NLL is the whole loss (the continued-SFT baseline)
+    "sft": [0.0, 0.0, 0.0],
 }
 
 
@@ -108,7 +110,7 @@ def test_unknown_loss_type():
     with pytest.raises(ValueError, match="'kto'") as err:
         losses("kto")
     assert "sigmoid" in str(err.value)  # the message lists what is accepted
-    assert set(LOSS_TYPES) == {"sigmoid", "hinge", "ipo", "exponential", "robust", "sppo_hard", "bco_pair"}
+    assert set(LOSS_TYPES) == {"sigmoid", "hinge", "ipo", "exponential", "robust", "sppo_hard", "bco_pair", "sft"}
 
 
 # --- properties -----------------------------------------------------------------------------------------------

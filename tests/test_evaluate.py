@@ -1,5 +1,5 @@
-"""`spinlm evaluate`: the pass@k estimator by hand, pass@k from scored samples, and greedy accuracy of a run's
-checkpoints equal to the val/acc the trainer logged for them."""
+"""`spinlm evaluate`: pass@k from scored samples, and greedy accuracy and pass@k of a run's checkpoints equal to the
+val/acc and val/pass@k the trainer logged for them. (The estimator's hand values: tests/test_pass_at_k.py.)"""
 from __future__ import annotations
 
 import json
@@ -15,30 +15,11 @@ from omegaconf import OmegaConf
 from spinlm.config import ConfigError, load_config
 from spinlm.config_check import check_eval_config
 from spinlm.errors import UserError
-from spinlm.evaluate import pass_at_k, pass_at_k_metrics
+from spinlm.evaluate import pass_at_k_metrics
 from spinlm.evaluate_command import evaluate_path, find_checkpoints, format_table
 from spinlm.main_spin import load_val_items, run
 from spinlm.rewards import get_reward_fn
 from spinlm.workers.fsdp_workers import load_tokenizer
-
-
-@pytest.mark.parametrize("n,c,k,expected", [
-    (5, 0, 1, 0.0),
-    (5, 5, 3, 1.0),
-    (5, 1, 1, 0.2),                  # pass@1 is the fraction correct
-    (5, 2, 2, 1 - 3 / 10),           # 1 - C(3,2)/C(5,2)
-    (10, 3, 4, 1 - 35 / 210),        # 1 - C(7,4)/C(10,4)
-    (4, 1, 4, 1.0),                  # n - c < k: every draw of 4 holds the correct one
-    (200, 13, 100, 1 - comb(187, 100) / comb(200, 100)),  # large n: the product form, no overflow
-])
-def test_pass_at_k_hand_values(n, c, k, expected):
-    assert pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12)
-
-
-@pytest.mark.parametrize("n,c,k", [(3, 4, 1), (3, 1, 4), (3, 1, 0), (3, -1, 1)])
-def test_pass_at_k_rejects_impossible_counts(n, c, k):
-    with pytest.raises(ValueError, match="pass_at_k"):
-        pass_at_k(n, c, k)
 
 
 def smoke(tmp_path: Path, *extra: str):
@@ -57,26 +38,31 @@ def test_pass_at_k_metrics_from_scored_samples(tiny_task, tmp_path):
     assert m["val/pass@2"] == pytest.approx((1 - comb(3, 2) / comb(4, 2) + 0) / 2)
     assert m["val/pass@4"] == pytest.approx((1.0 + 0) / 2)
     assert m["val/pass@1/tiny_arith"] == m["val/pass@1"]
+    assert m["val/mean@4"] == pytest.approx((0.25 + 0) / 2)
 
 
 def test_evaluate_a_run_gives_the_trainers_val_acc_per_round(tiny_task, tmp_path):
-    run(smoke(tmp_path, "trainer.rounds=2", "trainer.eval_before_training=false"))
+    run(smoke(tmp_path, "trainer.rounds=2", "trainer.eval_before_training=false", "trainer.val_pass_k=3"))
     run_dir = tmp_path / "run"
-    logged = {r["round"]: r["val/acc"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    logged = {r["round"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
               if r["kind"] == "val"}
     rows = evaluate_path(run_dir, ["eval.n=3"])
     assert [r["round"] for r in rows] == ["1", "2"]
     for r in rows:
-        assert r["val/acc"] == logged[int(r["round"])]  # the same prompts, greedy, same batches: exactly equal
+        trainer = logged[int(r["round"])]
+        # the same prompts, greedy, the same batches: exactly equal; and the same sampled draws (seed 1, rollout.*)
+        assert r["val/acc"] == trainer["val/acc"]
+        assert (r["val/pass@3"], r["val/mean@3"]) == (trainer["val/pass@3"], trainer["val/mean@3"])
         assert r["val/prompts"] == 32.0
         assert 0 <= r["val/pass@1"] <= r["val/pass@3"] <= 1
     table = format_table(rows).splitlines()
-    assert table[0].split() == ["round", "val/prompts", "val/acc", "val/response_length", "val/pass@1", "val/pass@3"]
+    assert table[0].split() == ["round", "val/prompts", "val/acc", "val/response_length", "val/pass@1", "val/pass@3",
+                                "val/mean@3"]
     assert [line.split()[0] for line in table[1:]] == ["1", "2"]
 
     # one checkpoint of the run: the run's own config is the base, so the same number comes back
     (only,) = evaluate_path(run_dir / "checkpoints" / "1")
-    assert only["val/acc"] == logged[1] and "val/pass@1" not in only
+    assert only["val/acc"] == logged[1]["val/acc"] and "val/pass@1" not in only
 
     # the command as users type it, in a fresh process
     out = tmp_path / "eval.json"

@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralFo
 from spinlm.core_algos import preference_loss
 from spinlm.workers.logprobs import ResponseLogProbs
 from spinlm.workers.dp_actor import DataParallelActor, LossSettings, Pairs, micro_batches
-from spinlm.workers.logprobs import chunked_token_logps, pack_sequences, packed_response_logps, padded_response_logps
+from spinlm.workers.logprobs import auto_chunk_size, chunked_token_logps, pack_sequences, packed_response_logps, padded_response_logps
 
 VOCAB = 64
 SIZES = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -45,7 +45,7 @@ def random_tokens(gen: torch.Generator, n: int) -> list[int]:
 
 # --- chunked lm-head -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("chunk", [1, 3, 50])
+@pytest.mark.parametrize("chunk", [1, 3, 50, None])
 def test_chunked_token_logps_matches_naive(chunk):
     gen = torch.Generator().manual_seed(0)
     N, D, V = 7, 5, 11
@@ -62,6 +62,13 @@ def test_chunked_token_logps_matches_naive(chunk):
     torch.testing.assert_close(fast, naive.detach(), atol=1e-5, rtol=0)
     torch.testing.assert_close(gh, gh_ref, atol=1e-5, rtol=0)
     torch.testing.assert_close(gw, gw_ref, atol=1e-5, rtol=0)
+
+
+def test_auto_chunk_size_keeps_one_chunk_of_logits_near_64_mib():
+    assert auto_chunk_size(152064) == 110  # 67108864 // (4 * 152064): 64 MiB of fp32 logits, not 0.6 GB at 1024
+    assert auto_chunk_size(32000) == 524
+    assert auto_chunk_size(512) == 32768  # a small vocabulary: the whole response in one chunk
+    assert auto_chunk_size(10**9) == 16  # never degenerate to one-token matmuls
 
 
 def test_chunked_token_logps_weight_only_grad():
@@ -252,7 +259,8 @@ def test_preference_step_skips_non_finite_loss():
 @pytest.mark.parametrize("settings", [
     LossSettings(beta=BETA),
     LossSettings(beta=BETA, loss_type="ipo", length_normalize=True, sft_weight=0.5, dpop_lambda=1.0),
-], ids=["sigmoid", "ipo_lengthnorm_sft_dpop"])
+    LossSettings(beta=BETA, loss_type="sft", sft_weight=1.0),
+], ids=["sigmoid", "ipo_lengthnorm_sft_dpop", "sft_only"])
 def test_preference_step_gradient_is_full_batch_mean(settings):
     """AdamW's first step is blind to a uniform gradient scale, so this checks the gradient itself: with SGD at
     lr = 1 and no clipping the parameter change IS minus the gradient, which must be that of the mean loss over

@@ -172,3 +172,16 @@ def test_collapse_warning_stops_a_collapsing_run_and_not_a_guarded_one(tiny_task
 
     run(smoke(tmp_path / "guarded", *collapsing, "algorithm.dpop_lambda=5", "trainer.stop_on_collapse=true"))
     assert all(r["train/collapse_warning"] == 0.0 for r in metrics(tmp_path / "guarded" / "run") if r["kind"] == "health")
+
+
+def test_sft_only_loss_and_sampled_val_metrics(tiny_task, tmp_path):
+    # loss_type=sft is the continued-SFT baseline of benchmarks/quality.py: the loss IS the chosen NLL
+    run(smoke(tmp_path, "trainer.rounds=1", "algorithm.loss_type=sft", "algorithm.sft_weight=1.0",
+              "algorithm.drop_identical_pairs=false", "trainer.val_pass_k=3", "data.val_max_samples=16"))
+    rows = metrics(tmp_path / "run")
+    for r in (r for r in rows if r["kind"] == "train"):
+        assert r["loss"] == pytest.approx(r["train/sft_nll"], rel=1e-6)
+    val = [r for r in rows if r["kind"] == "val"][-1]
+    # pass@3 with 3 samples is "any of 3 right", never below their mean score, which is a fraction of 16 x 3
+    assert 0.0 <= val["val/mean@3"] <= val["val/pass@3"] <= 1.0
+    assert (val["val/mean@3"] * 48) == pytest.approx(round(val["val/mean@3"] * 48), abs=1e-9)

@@ -31,6 +31,7 @@ from spinlm.evaluate import eos_ids_of
 from spinlm.rollout.hf_rollout import Rollout, SamplingParams, generate
 from spinlm.workers.dp_actor import DataParallelActor, LossSettings, Pairs
 from spinlm.workers.logprobs import ResponseLogProbs, pack_sequences
+from spinlm.workers.lora import add_adapter, merge_into_base, plain_state_dict
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OPTIM_DIR = "optimizer"  # torch.distributed.checkpoint folder inside a checkpoint (sharded; reshards on load)
@@ -145,8 +146,12 @@ class PolicyWorker:
         self.device = pick_device(cfg.trainer.device, local_rank)
         self.tokenizer = load_tokenizer(cfg.model.tokenizer_path or model_path, cfg.model.trust_remote_code)
         self.policy = self._load(model_path)
-        self.opponent = self._load(model_path, frozen=True) if keep_opponent else None
-        self.model = self.policy.model  # the Hugging Face model inside
+        self.model = self.policy.model  # the Hugging Face model inside (with LoRA: the adapter is injected into it)
+        self.peft = add_adapter(self.model, cfg, seed=cfg.trainer.seed) if cfg.model.lora.rank > 0 else None
+        if self.peft is not None and cfg.model.gradient_checkpointing:  # frozen embeddings: checkpointed blocks need
+            self.model.enable_input_require_grads()                     # an input that requires grad
+        # With LoRA the opponent is the base model with the adapter off: no second copy
+        self.opponent = self._load(model_path, frozen=True) if keep_opponent and self.peft is None else None
         self.eos_ids = eos_ids_of(self.tokenizer, self.model)
         self.actor = DataParallelActor(
             self.policy, micro_batch_size=cfg.actor.micro_batch_size,
@@ -181,7 +186,22 @@ class PolicyWorker:
     # ---- the opponent -------------------------------------------------------------------------------------------
     @torch.no_grad()
     def refresh_opponent(self) -> None:
-        """opponent := policy, parameter by parameter in place (local shards under FSDP2; no disk, no reallocation)."""
+        """opponent := policy, parameter by parameter in place (local shards under FSDP2; no disk, no reallocation).
+        With LoRA: the adapter is merged into the base (which is the opponent) and a fresh adapter started, with a
+        fresh optimizer that keeps the learning-rate schedule's position. Full fine-tuning in mode spin keeps no
+        opponent: nothing to do."""
+        if self.peft is not None:
+            merge_into_base(self.peft)
+            self.peft = add_adapter(self.model, self.cfg, seed=self.cfg.trainer.seed)
+            if self.scheduler is not None:
+                position = self.scheduler.state_dict()
+                self.start_schedule(self.total_steps)
+                self.scheduler.load_state_dict(position)
+                for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+                    group["lr"] = lr
+            return
+        if self.opponent is None:
+            return
         for p_opp, p in zip(self.opponent.parameters(), self.policy.parameters()):
             p_opp.copy_(p)
         for b_opp, b in zip(self.opponent.buffers(), self.policy.buffers()):
@@ -212,6 +232,9 @@ class PolicyWorker:
         return rollout
 
     def sequence_logps(self, prompts, responses, *, opponent: bool = False) -> torch.Tensor:
+        if opponent and self.peft is not None:  # LoRA: the opponent is the base, i.e. the policy without its adapter
+            with self.peft.disable_adapter():
+                return self.actor.sequence_logps(prompts, responses, module=self.policy)
         if opponent and self.opponent is None:
             raise RuntimeError("sequence_logps(opponent=True) but no resident opponent (mode spin keeps numbers, not a copy)")
         module = self.opponent if opponent else self.policy
@@ -224,6 +247,7 @@ class PolicyWorker:
     def start_schedule(self, total_steps: int) -> None:
         """A fresh optimizer and warmup + decay schedule over total_steps."""
         a = self.cfg.actor
+        self.total_steps = total_steps
         self.optimizer = build_optimizer(self.policy.parameters(), a)
         self.scheduler = build_scheduler(self.optimizer, a.lr_scheduler, total_steps, a.warmup_ratio)
 
@@ -262,8 +286,10 @@ class PolicyWorker:
             if getattr(self.model.config, "tie_word_embeddings", False):  # saved once, as the input embedding
                 head = next(n for n, m in self.model.named_modules() if m is self.model.get_output_embeddings())
                 full.pop(f"{head}.weight", None)
+        if self.peft is not None:  # merged at every round's end: the base weights are the policy
+            full = plain_state_dict(self.peft)
         if self.rank == 0:
-            kwargs = {"state_dict": full} if self.distributed else {}
+            kwargs = {"state_dict": full} if self.distributed or self.peft is not None else {}
             self.model.save_pretrained(path, safe_serialization=True, **kwargs)
             self.tokenizer.save_pretrained(path)
             self.model.generation_config.save_pretrained(path)

@@ -52,8 +52,20 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None
 
 
-def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    return _ChunkedTokenLogps.apply(hidden, weight, targets, chunk)
+# One chunk's fp32 logits (the forward and backward each hold about two such buffers at once). At 64 MiB a chunk is
+# 105 tokens for a 152k vocabulary and the whole response for a 512 one; the matmuls stay large enough to run at
+# full speed (benchmarks/bench_update.py), while a fixed 1024 tokens costs 0.6 GB per buffer at 152k.
+CHUNK_LOGITS_BYTES = 64 * 2**20
+
+
+def auto_chunk_size(vocab_size: int) -> int:
+    """Tokens per lm-head chunk so that one chunk's fp32 logits take about CHUNK_LOGITS_BYTES."""
+    return max(16, CHUNK_LOGITS_BYTES // (4 * vocab_size))
+
+
+def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """chunk: tokens per lm-head chunk; None picks it from the vocabulary size (auto_chunk_size)."""
+    return _ChunkedTokenLogps.apply(hidden, weight, targets, chunk or auto_chunk_size(weight.shape[0]))
 
 
 @dataclass
@@ -134,7 +146,7 @@ def pack_sequences(prompts: list[list[int]], responses: list[list[int]], device,
     )
 
 
-def packed_response_logps(model, batch: PackedBatch, *, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+def packed_response_logps(model, batch: PackedBatch, *, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence SUM of response-token log-probs [num_sequences] and response lengths [num_sequences]."""
     head = model.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
@@ -159,7 +171,7 @@ class ResponseLogProbs(torch.nn.Module):
     reduce-scatters their gradients after backward, exactly as calling the model itself would.
     """
 
-    def __init__(self, model, chunk: int = 1024):
+    def __init__(self, model, chunk: int | None = None):
         super().__init__()
         self.model = model
         self.chunk = chunk
