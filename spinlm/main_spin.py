@@ -121,8 +121,11 @@ def run(cfg) -> list[dict]:
                          **{f"data/{k}": float(v) for k, v in stats.items()}}, round=state.next_round + 1,
                         step=state.global_step, kind="data")
             trainer = SpinTrainer(cfg, workers, tokenizer, train_items, val_items, reward_fn, run_dir, tracker, state)
-            return trainer.fit()
-        finally:
-            tracker.close()
+            table = trainer.fit()
+        except BaseException:
+            tracker.close(failed=True)
+            raise
+        tracker.close()
+        return table
     finally:
         workers.shutdown()
