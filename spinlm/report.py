@@ -51,7 +51,7 @@ def write_report(run_dir) -> Path:
     return html_path
 
 
-# ---- reading -----------------------------------------------------------------------------------------------------------
+# ---- reading -------------------------------------------------------------------------------------------------------
 def read_run(run_dir: Path) -> RunRecord:
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run directory")
@@ -118,7 +118,7 @@ def read_pairs(run_dir: Path) -> tuple[dict, dict, dict]:
     return examples, chosen_length, rejected_length
 
 
-# ---- plots ------------------------------------------------------------------------------------------------------------
+# ---- plots ---------------------------------------------------------------------------------------------------------
 @dataclass
 class Plot:
     name: str
@@ -176,6 +176,7 @@ def _step_figure(series: dict[str, list], train: list[dict], title: str):
         ax.annotate(f"round {t}", ((lo + hi) / 2, 0.98), xycoords=("data", "axes fraction"), ha="center", va="top",
                     fontsize=8, color="dimgrey")
     ax.set(title=title, xlabel="optimizer step")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     if len(series) > 1:
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
@@ -203,7 +204,7 @@ def _save(fig, out: Path, name: str, title: str) -> Plot:
     return Plot(name, title, path)
 
 
-# ---- rendering ----------------------------------------------------------------------------------------------------------
+# ---- rendering -----------------------------------------------------------------------------------------------------
 def _fmt(v) -> str:
     if v is None:
         return "-"
