@@ -118,3 +118,19 @@ def test_wandb_without_an_account_says_how_to_log_offline(tmp_path, monkeypatch)
     monkeypatch.setenv("NETRC", str(tmp_path / "no_netrc"))
     with pytest.raises(UserError, match=r"trainer.logger contains wandb: .*set WANDB_MODE=offline"):
         Tracker(tmp_path, ["jsonl", "wandb"])
+
+
+def test_mlflow_marks_a_failed_run_and_leaves_out_non_finite_values(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    tracker = Tracker(tmp_path, ["jsonl", "mlflow"], experiment="failing")
+    tracker.log({"loss": 0.5, "train/grad_norm": 2.0}, round=1, step=1)
+    tracker.log({"loss": float("nan"), "train/grad_norm": float("inf")}, round=1, step=2)  # a skipped step
+    tracker.close(failed=True)
+    client = MlflowClient(tracking_uri=(tmp_path / "mlruns").resolve().as_uri())
+    (mlflow_run,) = client.search_runs([client.get_experiment_by_name("failing").experiment_id])
+    assert mlflow_run.info.status == "FAILED"
+    assert [(m.step, m.value) for m in client.get_metric_history(mlflow_run.info.run_id, "loss")] == [(1, 0.5)]
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
