@@ -93,9 +93,13 @@ def read_table(path: Path) -> list[dict]:
 def read_settings(path: Path) -> dict[str, str]:
     if not path.is_file():
         return {}
+    import yaml
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(path)
+    try:
+        cfg = OmegaConf.load(path)
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML ({exc})") from exc
     return {k: str(OmegaConf.select(cfg, k)) for k in CONFIG_KEYS if OmegaConf.select(cfg, k) is not None}
 
 

@@ -130,3 +130,15 @@ def test_a_report_that_cannot_be_written_keeps_the_run_and_warns(tiny_task, tmp_
     assert f"WARNING: the run in {run_dir} is complete and saved, but its report could not be written: " \
            f"FileExistsError" in err
     assert f"Retry with `spinlm report {run_dir}`" in err
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("rounds.json", "[{\"round\": 1,", "rounds.json: not valid JSON"),
+    ("rounds.json", "{\"round\": 1}", "rounds.json: expected a list of objects with a round field"),
+    ("config.yaml", "a: [1,\n", "config.yaml: not valid YAML"),
+])
+def test_a_broken_run_file_is_named(tmp_path, name, text, message):
+    (tmp_path / "metrics.jsonl").write_text('{"round": 1, "step": 1, "kind": "train", "loss": 0.5}\n')
+    (tmp_path / name).write_text(text)
+    with pytest.raises(UserError, match=f"{tmp_path}/{message}"):
+        write_report(tmp_path)
