@@ -18,6 +18,7 @@ from spinlm.errors import UserError
 
 EXAMPLES_PER_ROUND = 3
 TABLE_COLUMNS = ("round", "val_acc", "margins", "accuracies", "logps_chosen", "sample_reward", "time_s")
+MARGINS = dict(left=0.12, right=0.98, top=0.9, bottom=0.15)  # fixed: a layout engine would double the draw time
 CONFIG_KEYS = ("model.path", "algorithm.mode", "algorithm.loss_type", "algorithm.beta", "algorithm.dpop_lambda",
                "algorithm.sft_weight", "actor.lr", "trainer.rounds", "trainer.train_batch_size", "rollout.n",
                "trainer.seed")
@@ -167,7 +168,8 @@ def _per_round(rows: list[dict], key: str) -> dict[int, float]:
 def _step_figure(series: dict[str, list], train: list[dict], title: str):
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure state, Agg canvas by default
 
-    fig = Figure(figsize=(7, 3.2), dpi=100, layout="constrained")
+    fig = Figure(figsize=(7, 3.2), dpi=100)
+    fig.subplots_adjust(**MARGINS)
     ax = fig.add_subplot()
     for key, points in series.items():
         ax.plot([s for s, _ in points], [v for _, v in points], marker="." if len(points) < 50 else None, label=key)
@@ -190,7 +192,8 @@ def _step_figure(series: dict[str, list], train: list[dict], title: str):
 def _round_figure(series: dict[str, dict[int, float]], title: str, ylabel: str):
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 3.2), dpi=100, layout="constrained")
+    fig = Figure(figsize=(7, 3.2), dpi=100)
+    fig.subplots_adjust(**MARGINS)
     ax = fig.add_subplot()
     for label, values in series.items():
         if values:
