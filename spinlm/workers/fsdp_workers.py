@@ -177,6 +177,18 @@ class PolicyWorker:
             block_mask=self.attn_implementation != "flash_attention_2", autocast=self.autocast)
         self.optimizer = None
         self.scheduler = None
+        self.vllm = self._start_vllm(model_path) if cfg.rollout.engine == "vllm" else None
+        self.weights_stale = False  # the policy changed since the vllm engine last received its weights
+
+    def _start_vllm(self, model_path: str):
+        from spinlm.rollout.vllm_rollout import VllmRollout
+
+        c, r = self.cfg.model, self.cfg.rollout
+        return VllmRollout(model_path, dtype=c.dtype, max_model_len=self.cfg.data.max_prompt_length
+                           + self.cfg.data.max_response_length, gpu_memory_utilization=r.gpu_memory_utilization,
+                           enforce_eager=r.vllm_enforce_eager, sleep=r.vllm_sleep,
+                           seed=self.cfg.trainer.seed + self.rank, distributed=self.distributed, device=self.device,
+                           trust_remote_code=c.trust_remote_code)
 
     def _load(self, path: str, frozen: bool = False) -> ResponseLogProbs:
         c = self.cfg.model
@@ -228,12 +240,27 @@ class PolicyWorker:
                 m.set_reshard_after_forward(True, recurse=False)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int, desc: str = "generate") -> Rollout:
-        with self.gathered(), self.autocast():
-            rollout = generate(self.model, prompts, params, pad_id=self.tokenizer.pad_token_id, eos_ids=self.eos_ids,
-                               batch_size=self.cfg.rollout.batch_size, seed=seed + 7919 * self.rank, desc=desc,
-                               progress=self.rank == 0)
+        if self.vllm is not None:
+            rollout = self._generate_vllm(prompts, params, seed + 7919 * self.rank)
+        else:
+            with self.gathered(), self.autocast():
+                rollout = generate(self.model, prompts, params, pad_id=self.tokenizer.pad_token_id,
+                                   eos_ids=self.eos_ids, batch_size=self.cfg.rollout.batch_size,
+                                   seed=seed + 7919 * self.rank, desc=desc, progress=self.rank == 0)
         crash_point("eval" if params.greedy else "generate")
         return rollout
+
+    def _generate_vllm(self, prompts, params: SamplingParams, seed: int) -> Rollout:
+        if self.weights_stale or self.vllm.needs_weights:
+            self.push_weights()
+        return self.vllm.generate(prompts, params, eos_ids=self.eos_ids, seed=seed)
+
+    @torch.no_grad()
+    def push_weights(self) -> None:
+        """The policy's weights into the colocated vLLM engine, in place (gathered full tensors under FSDP2)."""
+        with self.gathered():
+            self.vllm.push_weights((name, local(p).detach()) for name, p in self.model.named_parameters())
+        self.weights_stale = False
 
     def sequence_logps(self, prompts, responses, *, opponent: bool = False) -> torch.Tensor:
         if opponent and self.opponent is None:
@@ -273,6 +300,7 @@ class PolicyWorker:
                                              grad_clip=self.cfg.actor.grad_clip,
                                              loss_denominator=global_pairs / self.world_size)
         self.skip_step() if metrics["train/step_skipped"] else self.scheduler.step()
+        self.weights_stale |= not metrics["train/step_skipped"]
         crash_point("update")
         metrics["train/lr"] = lr
         return metrics
@@ -283,6 +311,12 @@ class PolicyWorker:
         with warnings.catch_warnings():  # torch warns when the schedule moves without an optimizer step: intended here
             warnings.simplefilter("ignore", UserWarning)
             self.scheduler.step()
+
+    def close(self) -> None:
+        """Stop what the worker started besides its tensors (the vllm engine)."""
+        if self.vllm is not None:
+            self.vllm.close()
+            self.vllm = None
 
     def peak_memory_bytes(self) -> int:
         if self.device.type == "cuda":
