@@ -6,26 +6,16 @@ import pytest
 import torch
 
 from spinlm.config import load_config
-from spinlm.tasks.tiny_model import build_model, train_tokenizer
+from conftest import save_arith_model
 from spinlm.workers.dp_actor import LossSettings, Pairs
 from spinlm.workers.fsdp_workers import PolicyWorker, resolve_attn_implementation
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_model")
-    tok = train_tokenizer([f"{a}+{b}={a + b}" for a in range(30) for b in range(30)], vocab_size=64)
-    build_model(tok, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, seed=0).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_arith_model(tmp_path_factory.mktemp("tiny_model"), hidden_size=32, intermediate_size=64)
 
 
 def worker(model_dir, *overrides: str) -> PolicyWorker:

@@ -12,6 +12,7 @@ import importlib.util
 
 import pytest
 import torch
+from conftest import save_arith_model
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                                 reason="vllm is not installed (opt-in: scripts/setup_vllm_env.sh)")
@@ -19,14 +20,8 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from spinlm.tasks.tiny_model import build_model, train_tokenizer
-
-    path = tmp_path_factory.mktemp("tiny_model")
-    tok = train_tokenizer([f"{a}+{b}={a + b}" for a in range(30) for b in range(30)], vocab_size=64)
     # head_dim 32: vLLM's CPU attention kernels do not take 16
-    build_model(tok, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, seed=0).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_arith_model(tmp_path_factory.mktemp("tiny_model"), hidden_size=64, intermediate_size=128)
 
 
 def test_vllm_greedy_equals_hf_greedy_after_an_update(model_dir):
