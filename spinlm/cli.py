@@ -15,13 +15,9 @@ from spinlm.errors import UserError
 
 
 def _cmd_train(args) -> int:
-    from spinlm.config_check import validate
+    from spinlm.api import train  # the same steps as spinlm.train() in a notebook
 
-    cfg = load_config(args.overrides)
-    validate(cfg)  # before importing torch: a bad config is reported in a fraction of a second, not seconds
-    from spinlm.main_spin import run
-
-    run(cfg)
+    train(args.overrides)
     return 0
 
 
@@ -75,6 +71,13 @@ def _cmd_task(args) -> int:
     return 0
 
 
+def _cmd_report(args) -> int:
+    from spinlm.report import write_report
+
+    print(f"report: {write_report(args.run_dir)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spinlm", description="Self-play fine-tuning (SPIN) and online DPO.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -117,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     p.add_argument("--debug", action="store_true", help="show Python tracebacks")
     p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser("report", help="plots, round table and example pairs of a run directory (report.html)",
+                       description="write RUN_DIR/report/: PNG plots, report.md and a self-contained report.html")
+    p.add_argument("run_dir", help="a run directory (trainer.output_dir of a run)")
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("task", help="build the bundled tiny task (data, tokenizer, SFT warm start)",
                        description="build the bundled tiny arithmetic task into a folder (cached)")

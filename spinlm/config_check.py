@@ -37,8 +37,8 @@ ENUMS: dict[str, tuple[str, ...]] = {
     "trainer.device": ("auto", "cpu", "cuda"),
     "trainer.launcher": ("auto", "local", "ray"),
     "model.dtype": ("float32", "bfloat16", "float16"),
-    "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
-    "rollout.engine": ("hf",),
+    "model.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
+    "rollout.engine": ("hf", "vllm"),
     "reward.gsm8k_method": ("strict", "flexible"),
 }
 LOGGERS = ("console", "jsonl", "tensorboard", "wandb", "mlflow")
@@ -333,6 +333,7 @@ RANGES: dict[str, _Bound] = {
     "rollout.top_p": (0, False, 1, True, False),
     "rollout.top_k": (0, True, None, False, False),
     "rollout.batch_size": (1, True, None, False, False),
+    "rollout.gpu_memory_utilization": (0, False, 1, True, False),
     "actor.lr": (0, False, None, False, False),
     "actor.weight_decay": (0, True, None, False, False),
     "actor.eps": (0, False, None, False, False),
@@ -452,6 +453,9 @@ def _check_lora(v: _Values) -> list[str]:
         if (gpus if gpus > 0 else cpus) > 1:
             problems.append(f"model.lora.rank={v['model.lora.rank']}: LoRA runs on one rank for now (world size "
                             f"{gpus if gpus > 0 else cpus}); use full fine-tuning with FSDP2 across ranks")
+    if v.has("rollout.engine") and v["rollout.engine"] == "vllm":
+        problems.append(f"model.lora.rank={v['model.lora.rank']}: LoRA works with rollout.engine=hf only for now "
+                        "(the vllm engine is sent plain weights, not an adapter)")
     return problems
 
 
@@ -518,10 +522,22 @@ def _check_model(v: _Values) -> list[str]:
 
 
 def _check_attention(v: _Values) -> list[str]:
+    problems = []
     if v.has("model.attn_implementation", "trainer.device") and v["trainer.device"] == "cpu" \
             and v["model.attn_implementation"] == "flash_attention_2":
-        return ["model.attn_implementation=flash_attention_2: needs a CUDA GPU, but trainer.device=cpu "
-                "(use sdpa or eager)"]
+        problems.append("model.attn_implementation=flash_attention_2: needs a CUDA GPU, but trainer.device=cpu "
+                        "(use sdpa or eager)")
+    elif v.has("model.attn_implementation") and v["model.attn_implementation"] == "flash_attention_2" \
+            and importlib.util.find_spec("flash_attn") is None:
+        problems.append("model.attn_implementation=flash_attention_2: the flash-attn package is not installed "
+                        "(pip install flash-attn, or use auto / sdpa)")
+    return problems
+
+
+def _check_rollout_engine(v: _Values) -> list[str]:
+    if v.has("rollout.engine") and v["rollout.engine"] == "vllm" and importlib.util.find_spec("vllm") is None:
+        return ["rollout.engine=vllm: the vllm package is not installed (pip install \"spinlm[vllm]\" on a CUDA "
+                "machine; on CPU see scripts/setup_vllm_env.sh), or use rollout.engine=hf"]
     return []
 
 
@@ -629,7 +645,7 @@ def _check_gpus(v: _Values) -> list[str]:
 
 RULES: tuple[Callable[[_Values], list[str]], ...] = (
     _check_enums, _check_ranges, _check_beta, _check_mode, _check_batches, _check_lora, _check_model, _check_attention,
-    _check_data_files, _check_output_dirs, _check_reward, _check_gpus, _check_eval,
+    _check_rollout_engine, _check_data_files, _check_output_dirs, _check_reward, _check_gpus, _check_eval,
 )
 # `spinlm evaluate` trains nothing: no schedule, batch, mode or output rules, and the train files may be unset
 EVAL_RULES: tuple[Callable[[_Values], list[str]], ...] = (

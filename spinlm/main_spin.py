@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import random
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +17,12 @@ from spinlm.config_check import validate
 from spinlm.errors import UserError
 from spinlm.data.dataset import tokenize_examples
 from spinlm.data.formats import load_examples
+from spinlm.report import write_report
 from spinlm.rewards import get_reward_fn, score_samples
 from spinlm.spin_trainer import SpinTrainer, TrainerState
 from spinlm.tracking import Tracker
 from spinlm.rewards.reward_model import build_reward
-from spinlm.workers.fsdp_workers import DTYPES, load_tokenizer, pick_device
+from spinlm.workers.fsdp_workers import load_tokenizer, master_dtype, pick_device
 from spinlm.workers.worker_group import make_worker_group
 
 
@@ -83,10 +86,45 @@ def preflight_reward(reward_fn, items) -> None:
             return
 
 
+@dataclass
+class RunResult:
+    """What a run hands back (`spinlm.train` in a notebook): the round table, where the run lives, its report."""
+
+    rounds: list[dict]  # the round table, as in rounds.json
+    run_dir: Path
+    report: Path | None  # report.html; None when it was not written (a line on stderr says why)
+
+
 def run(cfg) -> list[dict]:
+    """Train; return the round table (the report is written too, see run_and_report)."""
+    return run_and_report(cfg).rounds
+
+
+def run_and_report(cfg) -> RunResult:
     validate(cfg)  # every rule, before anything heavy
     cfg = resolved(cfg)
     run_dir = Path(cfg.trainer.output_dir)
+    table = train_rounds(cfg, run_dir)
+    return RunResult(table, run_dir, report_or_warning(run_dir, cfg))
+
+
+def report_or_warning(run_dir: Path, cfg) -> Path | None:
+    """The report is a view of results already on disk: when it cannot be written the run's results stand, and
+    a clear warning says why and how to retry."""
+    if "jsonl" not in cfg.trainer.logger:
+        print(f"no report: trainer.logger={list(cfg.trainer.logger)} has no jsonl, and the report reads metrics.jsonl")
+        return None
+    try:
+        path = write_report(run_dir)
+    except Exception as exc:  # any failure: reported below, never hidden; the run itself succeeded
+        print(f"WARNING: the run in {run_dir} is complete and saved, but its report could not be written: "
+              f"{type(exc).__name__}: {exc}. Retry with `spinlm report {run_dir}`", file=sys.stderr)
+        return None
+    print(f"report: {path}")
+    return path
+
+
+def train_rounds(cfg, run_dir: Path) -> list[dict]:
     latest = latest_checkpoint(run_dir) if cfg.trainer.resume == "auto" and run_dir.exists() else None
     if cfg.trainer.resume == "disable" and (run_dir / "checkpoints").exists():
         raise RunError(f"trainer.output_dir={run_dir} already holds checkpoints and trainer.resume=disable: "
@@ -102,7 +140,7 @@ def run(cfg) -> list[dict]:
     if cfg.reward.weights.rule != 0 or not cfg.reward.model_path:  # a zero weight: the rule reward never runs
         preflight_reward(reward_fn, val_items + train_items)
     # the reward model (if any) lives with the driver, which judges samples; it loads before anything is written
-    reward = build_reward(cfg.reward, reward_fn, device=pick_device(cfg.trainer.device), dtype=DTYPES[cfg.model.dtype])
+    reward = build_reward(cfg.reward, reward_fn, device=pick_device(cfg.trainer.device), dtype=master_dtype(cfg.model.dtype))
 
     state = TrainerState()
     model_path = cfg.model.path
@@ -130,8 +168,11 @@ def run(cfg) -> list[dict]:
                         step=state.global_step, kind="data")
             trainer = SpinTrainer(cfg, workers, tokenizer, train_items, val_items, reward_fn, run_dir, tracker, state,
                                   reward=reward)
-            return trainer.fit()
-        finally:
-            tracker.close()
+            table = trainer.fit()
+        except BaseException:
+            tracker.close(failed=True)
+            raise
+        tracker.close()
+        return table
     finally:
         workers.shutdown()

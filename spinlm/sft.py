@@ -7,6 +7,7 @@ response tokens, EOS included, are targets; prompt and padding positions get lab
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -18,7 +19,8 @@ from transformers import get_cosine_schedule_with_warmup
 
 from spinlm.config import ConfigError
 from spinlm.data.example import DataError
-from spinlm.workers.fsdp_workers import DTYPES, load_model, load_tokenizer
+from spinlm.workers.fsdp_workers import (DTYPES, MIXED_PRECISION, autocast_context, enable_gradient_checkpointing,
+                                         load_model, load_tokenizer)
 
 if TYPE_CHECKING:
     from spinlm.data.dataset import TokenizedExample
@@ -65,7 +67,7 @@ def _check_items(items: list[TokenizedExample]) -> None:
 
 def train_sft(model, tokenizer, items: list[TokenizedExample], *, steps: int, batch_size: int, lr: float,
               warmup_ratio: float, seed: int, grad_clip: float = 1.0, weight_decay: float = 0.0,
-              log_every: int = 50) -> list[float]:
+              log_every: int = 50, autocast=nullcontext) -> list[float]:
     """Train ``model`` in place for ``steps`` AdamW steps (linear warmup, then cosine decay). Returns per-step losses.
 
     Deterministic given ``seed``: it seeds torch's global RNG (dropout, if any) and a private generator for the
@@ -94,7 +96,8 @@ def train_sft(model, tokenizer, items: list[TokenizedExample], *, steps: int, ba
     bar = tqdm(range(steps), desc="sft", unit="step", mininterval=1.0)
     for step in bar:
         batch = {k: v.to(device) for k, v in sft_batch([items[i] for i in next(batches)], pad_id).items()}
-        loss = model(**batch).loss
+        with autocast():  # mixed precision: the forward in bf16/fp16, the fp32 weights updated outside
+            loss = model(**batch).loss
         if not torch.isfinite(loss):
             raise FloatingPointError(f"sft step {step + 1}: loss is {loss.item()} (try a lower sft.lr)")
         optimizer.zero_grad(set_to_none=True)
@@ -168,12 +171,12 @@ def _load_model_and_tokenizer(cfg: DictConfig, device: torch.device):
                                f"`spinlm task build` first)"])
     try:
         tokenizer = load_tokenizer(tok_path, cfg.model.trust_remote_code)
-        model = load_model(model_path, dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation,
+        model = load_model(model_path, dtype="float32" if cfg.model.dtype in MIXED_PRECISION else cfg.model.dtype, attn_implementation=cfg.model.attn_implementation,
                            device=device, trust_remote_code=cfg.model.trust_remote_code)
     except OSError as exc:
         raise ConfigError([f"model.path={model_path!r}: cannot load the model or tokenizer ({exc})"]) from exc
     if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_gradient_checkpointing(model)
     return model, tokenizer
 
 
@@ -232,7 +235,8 @@ def run_sft_from_config(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     losses = train_sft(model, tokenizer, train_items, steps=cfg.sft.steps, batch_size=cfg.sft.batch_size,
                        lr=float(cfg.sft.lr), warmup_ratio=float(cfg.sft.warmup_ratio), seed=cfg.trainer.seed,
-                       log_every=max(1, cfg.sft.steps // 10))
+                       log_every=max(1, cfg.sft.steps // 10),
+                       autocast=lambda: autocast_context(cfg.model.dtype, device))
     summary.update(steps=len(losses), final_loss=sum(losses[-10:]) / len(losses[-10:]),
                    seconds=time.perf_counter() - start, output_dir=str(out_dir))
     print(f"sft: {len(losses)} steps in {summary['seconds']:.1f}s, final loss {summary['final_loss']:.4f}")

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -30,26 +31,21 @@ class Tracker:
         run_dir = Path(run_dir)
         self.console = "console" in loggers
         self.log_every = log_every
-        self.jsonl = open(run_dir / "metrics.jsonl", "a") if "jsonl" in loggers else None
-        self.tensorboard = None
-        if "tensorboard" in loggers:
-            from torch.utils.tensorboard import SummaryWriter
+        self.jsonl = self.tensorboard = self.wandb = self.mlflow = None
+        try:
+            if "jsonl" in loggers:
+                self.jsonl = open(run_dir / "metrics.jsonl", "a")
+            if "tensorboard" in loggers:
+                from torch.utils.tensorboard import SummaryWriter
 
-            self.tensorboard = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-        self.wandb = None
-        if "wandb" in loggers:  # WANDB_MODE=offline works with no network
-            import wandb
-
-            self.wandb = wandb.init(project=experiment, dir=str(run_dir), config=config, reinit=True)
-        self.mlflow = None
-        if "mlflow" in loggers:  # MLFLOW_TRACKING_URI unset: a local file store under the run directory
-            import mlflow
-
-            if not os.environ.get("MLFLOW_TRACKING_URI"):
-                mlflow.set_tracking_uri((run_dir / "mlruns").resolve().as_uri())
-            mlflow.set_experiment(experiment)
-            self.mlflow = mlflow
-            mlflow.start_run()
+                self.tensorboard = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            if "wandb" in loggers:
+                self.wandb = _start_wandb(run_dir, experiment, config)
+            if "mlflow" in loggers:
+                self.mlflow = _MlflowRun(run_dir, experiment, config)
+        except BaseException:
+            self.close(failed=True)  # the loggers that did start are closed, not left open
+            raise
 
     def log(self, metrics: dict, *, round: int, step: int, kind: str = "train") -> None:
         numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
@@ -62,21 +58,82 @@ class Tracker:
         if self.wandb:
             self.wandb.log({**numbers, "round": round}, step=step)
         if self.mlflow:
-            self.mlflow.log_metrics({k.replace("/", "."): v for k, v in numbers.items() if math.isfinite(v)}, step=step)
+            self.mlflow.log(numbers, step)
         if self.console and (kind != "train" or step % self.log_every == 0):
             keys = SUMMARY_KEYS if kind == "train" else sorted(numbers)
             parts = [f"{k}={_fmt(numbers[k])}" for k in keys if k in numbers]
             tqdm.write(f"[round {round} {kind} step {step}] " + " ".join(parts))
 
-    def close(self) -> None:
+    def close(self, *, failed: bool = False) -> None:
+        """failed: the run stopped on an error; W&B and MLflow mark their runs failed instead of finished."""
         if self.jsonl:
             self.jsonl.close()
         if self.tensorboard:
             self.tensorboard.close()
         if self.wandb:
-            self.wandb.finish()
+            self.wandb.finish(exit_code=1 if failed else 0)
         if self.mlflow:
-            self.mlflow.end_run()
+            self.mlflow.close(failed)
+
+
+def _start_wandb(run_dir: Path, experiment: str, config: dict | None):
+    import wandb
+
+    try:  # create_new: a run of our own, leaving alone any run a notebook already has open
+        return wandb.init(project=experiment, name=run_dir.name, dir=str(run_dir), config=config, reinit="create_new")
+    except wandb.errors.UsageError as exc:  # typically no API key: say how to log without an account or network
+        raise UserError(f"trainer.logger contains wandb: {exc} Log in with `wandb login`, or set WANDB_MODE=offline "
+                        f"to write the run to {run_dir / 'wandb'} (upload it later with `wandb sync`)") from exc
+
+
+class _MlflowRun:
+    """One MLflow run through MlflowClient, so no global MLflow state (a notebook's active run, its tracking URI)
+    is touched. MLFLOW_TRACKING_URI unset: a local file store in <run_dir>/mlruns, which needs no server."""
+
+    def __init__(self, run_dir: Path, experiment: str, config: dict | None):
+        from mlflow import MlflowClient
+
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 serves its file store only opted in
+            uri = (run_dir / "mlruns").resolve().as_uri()
+        self.client = MlflowClient(tracking_uri=uri)
+        found = self.client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        self.run_id = self.client.create_run(experiment_id, run_name=run_dir.name).info.run_id
+        if config:
+            from mlflow.entities import Param
+
+            params = [Param(k, str(v)[:6000]) for k, v in _flatten(config).items()]
+            for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+                self.client.log_batch(self.run_id, params=params[i : i + 100])
+
+    def log(self, numbers: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        # MLflow's file store keeps a metric as a file at its slash path, so "val/acc" and "val/acc/tiny_arith"
+        # cannot both exist: MLflow names use dots ("rewards.margins"). It rejects NaN / inf; metrics.jsonl has them
+        metrics = [Metric(mlflow_name(k), v, now, step) for k, v in numbers.items() if math.isfinite(v)]
+        if metrics:
+            self.client.log_batch(self.run_id, metrics=metrics)
+
+    def close(self, failed: bool) -> None:
+        self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def mlflow_name(key: str) -> str:
+    return key.replace("/", ".")
 
 
 def _fmt(v) -> str:

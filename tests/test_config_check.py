@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib.util
-
 import json
 import os
 from pathlib import Path
@@ -210,6 +209,7 @@ def test_sft_loss_needs_an_sft_weight(files):
     ("rollout.top_p", "1.5", "in (0, 1]", "0.9"),
     ("rollout.top_k", "-1", ">= 0", "0"),
     ("rollout.batch_size", "0", ">= 1", "1"),
+    ("rollout.gpu_memory_utilization", "0", "in (0, 1]", "0.5"),
     ("actor.lr", "0", "> 0", "1e-6"),
     ("actor.warmup_ratio", "1.0", "in [0, 1)", "0"),
     ("actor.grad_clip", "0", "> 0", "0.5"),
@@ -370,6 +370,21 @@ def test_cpu_device_with_gpus_or_flash_attention(files):
         "trainer.n_gpus_per_node=1: trainer.device=cpu uses no GPU (set n_gpus_per_node=0, or device=cuda)"]
     assert problems_for(files, "trainer.device=cpu", "model.attn_implementation=flash_attention_2") == [
         "model.attn_implementation=flash_attention_2: needs a CUDA GPU, but trainer.device=cpu (use sdpa or eager)"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed here")
+def test_flash_attention_without_the_package(files):
+    assert problems_for(files, "model.attn_implementation=flash_attention_2") == [
+        "model.attn_implementation=flash_attention_2: the flash-attn package is not installed (pip install flash-attn, "
+        "or use auto / sdpa)"]
+    assert problems_for(files, "model.attn_implementation=auto") == []
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
+def test_vllm_engine_without_the_package(files):
+    assert problems_for(files, "rollout.engine=vllm") == [
+        'rollout.engine=vllm: the vllm package is not installed (pip install "spinlm[vllm]" on a CUDA machine; on CPU '
+        'see scripts/setup_vllm_env.sh), or use rollout.engine=hf']
 
 
 def test_all_problems_at_once(files):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -67,8 +68,10 @@ class DataParallelActor:
     opponent) can be passed to sequence_logps.
     """
 
-    def __init__(self, module, *, micro_batch_size: int, max_tokens_per_micro_batch: int | None, block_mask: bool = True):
+    def __init__(self, module, *, micro_batch_size: int, max_tokens_per_micro_batch: int | None, block_mask: bool = True,
+                 autocast=nullcontext):
         self.module = module
+        self.autocast = autocast  # a context factory entered around each forward (mixed precision); backward runs outside
         self.micro_batch_size = micro_batch_size
         self.max_tokens = max_tokens_per_micro_batch
         self.block_mask = block_mask
@@ -78,7 +81,9 @@ class DataParallelActor:
         return next(self.module.parameters()).device
 
     def _logps(self, module, prompts, responses):
-        return module(pack_sequences(prompts, responses, self.device, block_mask=self.block_mask))
+        batch = pack_sequences(prompts, responses, self.device, block_mask=self.block_mask)
+        with self.autocast():
+            return module(batch)
 
     @torch.no_grad()
     def sequence_logps(self, prompts: list[list[int]], responses: list[list[int]], module=None) -> torch.Tensor:

@@ -10,12 +10,13 @@ sharded the same way, and refreshed by an in-place copy of the local shards.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
 import resource
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -23,7 +24,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from spinlm.crash_points import crash_point
@@ -34,6 +36,7 @@ from spinlm.workers.logprobs import ResponseLogProbs, pack_sequences
 from spinlm.workers.lora import add_adapter, merge_into_base, plain_state_dict
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MIXED_PRECISION = ("bfloat16", "float16")  # trained with fp32 master weights, computed in this dtype
 OPTIM_DIR = "optimizer"  # torch.distributed.checkpoint folder inside a checkpoint (sharded; reshards on load)
 
 
@@ -66,10 +69,25 @@ def _declared_tokenizer_class(path: str) -> str | None:
     return json.loads(config.read_text()).get("tokenizer_class")
 
 
+def resolve_attn_implementation(name: str, device: torch.device) -> str:
+    """`auto`: flash_attention_2 on CUDA when the flash-attn package is installed, else sdpa."""
+    if name != "auto":
+        return name
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def master_dtype(dtype: str) -> torch.dtype:
+    """The dtype weights are stored and updated in: fp32 under mixed precision (bf16/fp16 is only the compute dtype)."""
+    return torch.float32 if dtype in MIXED_PRECISION else DTYPES[dtype]
+
+
 def load_model(path: str, *, dtype: str, attn_implementation: str, device, trust_remote_code: bool = False):
-    # with bf16 mixed precision under FSDP2 the master weights stay fp32; FSDP casts for compute
+    """Weights in `dtype` as given (the caller picks master_dtype() for a model that trains)."""
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=DTYPES[dtype], attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+        path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+        attn_implementation=resolve_attn_implementation(attn_implementation, torch.device(device)))
     return model.to(device)
 
 
@@ -84,6 +102,24 @@ def disable_dropout(model) -> None:
             m.attention_dropout = 0.0
 
 
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in backward. Non-reentrant checkpointing: the variant that
+    composes with FSDP2 and with inputs that need no grad. (transformers 5.2x renamed the method.)"""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def autocast_context(dtype: str, device: torch.device):
+    """Single-process mixed precision: fp32 master weights, forward matmuls in bf16/fp16 under torch.autocast.
+    (Sharded, FSDP2's MixedPrecisionPolicy casts instead, so this is not used there.)"""
+    if dtype not in MIXED_PRECISION:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
+
+
 def decoder_layers(model) -> torch.nn.ModuleList:
     base = model.base_model
     for name in ("layers", "h", "blocks"):  # Llama/Qwen/Mistral, GPT-2, others
@@ -92,10 +128,15 @@ def decoder_layers(model) -> torch.nn.ModuleList:
     raise ValueError(f"{type(model).__name__}: cannot find its decoder layers (looked for layers, h, blocks)")
 
 
-def shard(wrapper: ResponseLogProbs, mixed_precision: bool) -> None:
-    """FSDP2, as torchtitan applies it: each decoder layer, then the root."""
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else None
-    kwargs = {"mp_policy": mp} if mp else {}
+def shard(wrapper: ResponseLogProbs, dtype: str, offload: bool = False) -> None:
+    """FSDP2, as torchtitan applies it: each decoder layer, then the root. Mixed precision: fp32 sharded masters,
+    all-gathered and computed in bf16/fp16, gradients reduced in fp32. `offload`: the shards live in CPU memory
+    (copied to the GPU for each forward): for the frozen opponent, which has no optimizer."""
+    kwargs = {}
+    if dtype in MIXED_PRECISION:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=DTYPES[dtype], reduce_dtype=torch.float32)
+    if offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
     for layer in decoder_layers(wrapper.model):
         fully_shard(layer, **kwargs)
     fully_shard(wrapper, **kwargs)
@@ -108,6 +149,11 @@ def reshard(module) -> None:
     for m in module.modules():
         if isinstance(m, FSDPModule):
             m.reshard()
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of an FSDP2 parameter (a DTensor); a plain tensor as it is."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def build_optimizer(params, actor_cfg) -> torch.optim.Optimizer:
@@ -145,6 +191,11 @@ class PolicyWorker:
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.device = pick_device(cfg.trainer.device, local_rank)
         self.tokenizer = load_tokenizer(cfg.model.tokenizer_path or model_path, cfg.model.trust_remote_code)
+        self.attn_implementation = resolve_attn_implementation(cfg.model.attn_implementation, self.device)
+        # Single process, mixed precision is torch.autocast around every forward; sharded, FSDP2 casts.
+        self.autocast = (lambda: nullcontext()) if self.distributed else (
+            lambda: autocast_context(cfg.model.dtype, self.device))
+        self.offload_opponent = cfg.actor.opponent_offload and self.device.type != "cpu"
         self.policy = self._load(model_path)
         self.model = self.policy.model  # the Hugging Face model inside (with LoRA: the adapter is injected into it)
         self.peft = add_adapter(self.model, cfg, seed=cfg.trainer.seed) if cfg.model.lora.rank > 0 else None
@@ -156,23 +207,37 @@ class PolicyWorker:
         self.actor = DataParallelActor(
             self.policy, micro_batch_size=cfg.actor.micro_batch_size,
             max_tokens_per_micro_batch=cfg.actor.max_tokens_per_micro_batch,
-            block_mask=cfg.model.attn_implementation != "flash_attention_2")
+            block_mask=self.attn_implementation != "flash_attention_2", autocast=self.autocast)
         self.optimizer = None
         self.scheduler = None
+        self.vllm = self._start_vllm(model_path) if cfg.rollout.engine == "vllm" else None
+        self.weights_stale = False  # the policy changed since the vllm engine last received its weights
+
+    def _start_vllm(self, model_path: str):
+        from spinlm.rollout.vllm_rollout import VllmRollout
+
+        c, r = self.cfg.model, self.cfg.rollout
+        return VllmRollout(model_path, dtype=c.dtype, max_model_len=self.cfg.data.max_prompt_length
+                           + self.cfg.data.max_response_length, gpu_memory_utilization=r.gpu_memory_utilization,
+                           enforce_eager=r.vllm_enforce_eager, sleep=r.vllm_sleep,
+                           seed=self.cfg.trainer.seed + self.rank, distributed=self.distributed, device=self.device,
+                           trust_remote_code=c.trust_remote_code)
 
     def _load(self, path: str, frozen: bool = False) -> ResponseLogProbs:
         c = self.cfg.model
-        model = load_model(path, dtype="float32" if self.distributed and c.dtype == "bfloat16" else c.dtype,
-                           attn_implementation=c.attn_implementation, device=self.device,
+        offload = frozen and self.offload_opponent
+        device = "cpu" if offload and not self.distributed else self.device  # FSDP2 offloads from the GPU itself
+        model = load_model(path, dtype="float32" if c.dtype in MIXED_PRECISION else c.dtype,
+                           attn_implementation=self.attn_implementation, device=device,
                            trust_remote_code=c.trust_remote_code)
         disable_dropout(model)
         if c.gradient_checkpointing and not frozen:
-            model.gradient_checkpointing_enable()
+            enable_gradient_checkpointing(model)
         wrapper = ResponseLogProbs(model, chunk=self.cfg.actor.logprob_chunk_size)
         if frozen:
             wrapper.requires_grad_(False).eval()
         if self.distributed:
-            shard(wrapper, mixed_precision=c.dtype == "bfloat16")
+            shard(wrapper, c.dtype, offload=offload)
             self._first_forward(wrapper)
         return wrapper
 
@@ -203,9 +268,9 @@ class PolicyWorker:
         if self.opponent is None:
             return
         for p_opp, p in zip(self.opponent.parameters(), self.policy.parameters()):
-            p_opp.copy_(p)
+            local(p_opp).copy_(local(p))  # shard to shard; also across devices when the opponent is offloaded
         for b_opp, b in zip(self.opponent.buffers(), self.policy.buffers()):
-            b_opp.copy_(b)
+            local(b_opp).copy_(local(b))
 
     # ---- rollout and log-probs --------------------------------------------------------------------------------------
     @contextmanager
@@ -224,12 +289,27 @@ class PolicyWorker:
                 m.set_reshard_after_forward(True, recurse=False)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int, desc: str = "generate") -> Rollout:
-        with self.gathered():
-            rollout = generate(self.model, prompts, params, pad_id=self.tokenizer.pad_token_id, eos_ids=self.eos_ids,
-                               batch_size=self.cfg.rollout.batch_size, seed=seed + 7919 * self.rank, desc=desc,
-                               progress=self.rank == 0)
+        if self.vllm is not None:
+            rollout = self._generate_vllm(prompts, params, seed + 7919 * self.rank)
+        else:
+            with self.gathered(), self.autocast():
+                rollout = generate(self.model, prompts, params, pad_id=self.tokenizer.pad_token_id,
+                                   eos_ids=self.eos_ids, batch_size=self.cfg.rollout.batch_size,
+                                   seed=seed + 7919 * self.rank, desc=desc, progress=self.rank == 0)
         crash_point("eval" if params.greedy else "generate")
         return rollout
+
+    def _generate_vllm(self, prompts, params: SamplingParams, seed: int) -> Rollout:
+        if self.weights_stale or self.vllm.needs_weights:
+            self.push_weights()
+        return self.vllm.generate(prompts, params, eos_ids=self.eos_ids, seed=seed)
+
+    @torch.no_grad()
+    def push_weights(self) -> None:
+        """The policy's weights into the colocated vLLM engine, in place (gathered full tensors under FSDP2)."""
+        with self.gathered():
+            self.vllm.push_weights((name, local(p).detach()) for name, p in self.model.named_parameters())
+        self.weights_stale = False
 
     def sequence_logps(self, prompts, responses, *, opponent: bool = False) -> torch.Tensor:
         if opponent and self.peft is not None:  # LoRA: the opponent is the base, i.e. the policy without its adapter
@@ -238,10 +318,23 @@ class PolicyWorker:
         if opponent and self.opponent is None:
             raise RuntimeError("sequence_logps(opponent=True) but no resident opponent (mode spin keeps numbers, not a copy)")
         module = self.opponent if opponent else self.policy
-        logps = self.actor.sequence_logps(prompts, responses, module=module)
+        with self.on_device(module if opponent and self.offload_opponent and not self.distributed else None):
+            logps = self.actor.sequence_logps(prompts, responses, module=module)
         if self.distributed:
             reshard(module)
         return logps
+
+    @contextmanager
+    def on_device(self, module):
+        """An offloaded opponent (single process) visits the GPU only for its log-prob pass."""
+        if module is None:
+            yield
+            return
+        module.to(self.device)
+        try:
+            yield
+        finally:
+            module.to("cpu")
 
     # ---- training -----------------------------------------------------------------------------------------------
     def start_schedule(self, total_steps: int) -> None:
@@ -260,6 +353,7 @@ class PolicyWorker:
                                              grad_clip=self.cfg.actor.grad_clip,
                                              loss_denominator=global_pairs / self.world_size)
         self.skip_step() if metrics["train/step_skipped"] else self.scheduler.step()
+        self.weights_stale |= not metrics["train/step_skipped"]
         crash_point("update")
         metrics["train/lr"] = lr
         return metrics
@@ -270,6 +364,12 @@ class PolicyWorker:
         with warnings.catch_warnings():  # torch warns when the schedule moves without an optimizer step: intended here
             warnings.simplefilter("ignore", UserWarning)
             self.scheduler.step()
+
+    def close(self) -> None:
+        """Stop what the worker started besides its tensors (the vllm engine)."""
+        if self.vllm is not None:
+            self.vllm.close()
+            self.vllm = None
 
     def peak_memory_bytes(self) -> int:
         if self.device.type == "cuda":

@@ -27,12 +27,22 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             out[s : s + chunk] = logits.gather(1, targets[s : s + chunk, None]).squeeze(1) - logits.logsumexp(1)
         ctx.save_for_backward(hidden, weight, targets)
         ctx.chunk = chunk
+        # autograd runs backward outside autocast: remember it, so the backward matmuls use the forward's dtype
+        kind = hidden.device.type
+        ctx.autocast = (kind, torch.get_autocast_dtype(kind)) if torch.is_autocast_enabled(kind) else None
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         hidden, weight, targets = ctx.saved_tensors
         chunk = ctx.chunk
+        if ctx.autocast is not None:
+            with torch.autocast(device_type=ctx.autocast[0], dtype=ctx.autocast[1]):
+                return _ChunkedTokenLogps._backward(ctx, grad_out, hidden, weight, targets, chunk)
+        return _ChunkedTokenLogps._backward(ctx, grad_out, hidden, weight, targets, chunk)
+
+    @staticmethod
+    def _backward(ctx, grad_out, hidden, weight, targets, chunk):
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
         for s in range(0, hidden.shape[0], chunk):

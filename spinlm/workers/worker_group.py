@@ -117,7 +117,7 @@ class LocalWorkerGroup:
         return max(self._all("peak_memory_bytes"))
 
     def shutdown(self) -> None:
-        """Nothing to stop in-process."""
+        self.worker.close()
 
 
 class RankActor:
