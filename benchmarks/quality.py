@@ -93,22 +93,28 @@ def run_one(name: str, seed: int, rounds: int, tasks: dict[str, Path], work: Pat
     train = [r for r in rows if r["kind"] == "train"]
     return {"acc": [r["val/acc"] for r in val], f"pass@{pass_k}": [r[f"val/pass@{pass_k}"] for r in val],
             "steps": [sum(1 for r in train if r["round"] == t) for t in range(1, rounds + 1)],
-            "chosen_drift": [r.get("train/chosen_drift") for r in val[1:]], "seconds": time.time() - start}
+            "chosen_drift": [r["train/chosen_drift"] for r in sorted((r for r in rows if r["kind"] == "health"),
+                                                                      key=lambda r: r["round"])],
+            "seconds": time.time() - start}
 
 
-def mean_sd(values: list[float]) -> str:
+def mean_sd(values: list[float], scale: float = 100) -> str:
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.mean(values):.1f} ± {100 * sd:.1f}"
+    return f"{scale * statistics.mean(values):.1f} ± {scale * sd:.1f}"
 
 
 def table(results: dict, names: list[str], key: str, rounds: int) -> list[str]:
-    lines = ["| method | steps per round | " + " | ".join(["SFT start"] + [f"round {t}" for t in range(1, rounds + 1)]) + " |",
-             "|---|---|" + "---|" * (rounds + 1)]
+    """Rows of mean ± std over seeds per round; `chosen_drift` (nats, no SFT-start column) is not a percentage."""
+    first = 1 if key == "chosen_drift" else 0
+    lines = ["| method | steps per round | " + " | ".join((["SFT start"] if not first else [])
+                                                         + [f"round {t}" for t in range(1, rounds + 1)]) + " |",
+             "|---|---|" + "---|" * (rounds + 1 - first)]
     for name in names:
-        runs = list(results.get(name, {}).values())
+        runs = [r for r in results.get(name, {}).values() if all(v is not None for v in r.get(key, [None]))]
         if not runs:
             continue
-        cells = [mean_sd([r[key][t] for r in runs]) if t < len(runs[0][key]) else "" for t in range(rounds + 1)]
+        cells = [mean_sd([r[key][t] for r in runs], 1 if first else 100) if t < len(runs[0][key]) else ""
+                 for t in range(rounds + 1 - first)]
         steps = "/".join(str(round(statistics.mean(r["steps"][t] for r in runs))) for t in range(len(runs[0]["steps"])))
         lines.append(f"| {name} | {steps} | " + " | ".join(cells) + " |")
     return lines
@@ -206,6 +212,13 @@ def main() -> None:
         *table(results, main_names, key, rounds),
         "",
         "![val accuracy per round](benchmarks/results/quality.png)",
+        "",
+        "## Chosen drift: what the collapse warning watches",
+        "",
+        "Mean over the round's steps of (policy − opponent) log-prob of the chosen response, in nats; the trainer warns "
+        "when it falls below −trainer.collapse_threshold (1.0) while margins grow.",
+        "",
+        *table(results, main_names, "chosen_drift", rounds),
         "",
         "## Exploration (greedy exact match)",
         "",
