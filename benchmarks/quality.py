@@ -194,8 +194,8 @@ def main() -> None:
         "# Results: does self-play beat more SFT on the bundled task?",
         "",
         f"Made by `.venv/bin/python benchmarks/quality.py` (seeds {' '.join(map(str, args.seeds))}) on {cpu}, "
-        f"{os.cpu_count()} cores, torch {torch.__version__}; **{wall / 60:.0f} min** of runs in all "
-        f"(this invocation: {(time.time() - start) / 60:.0f} min; load average at the end {os.getloadavg()[0]:.1f}). "
+        f"{os.cpu_count()} cores, torch {torch.__version__}; **{wall / 60:.0f} min** of runs in all (the sum of every "
+        f"run's wall time; the task builds come on top: about 40 s for the tiny one, about 3 min for the larger model). "
         "Raw per-run numbers: `benchmarks/results/quality.json`; plot: `benchmarks/results/quality.png`.",
         "",
         "Held-out exact match (%) on 200 val prompts, mean ± std over seeds; round 0 is the SFT warm start (one "
