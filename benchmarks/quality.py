@@ -168,7 +168,6 @@ def main() -> None:
     work = Path(args.work)
     tasks = build_tasks(work, large=any(METHODS[n][2] == "large" for n in names))
     results = {} if args.fresh or not json_path.exists() else json.loads(json_path.read_text())["runs"]
-    start = time.time()
     for name in names:
         rounds = 1 if args.quick else METHODS[name][1]
         for seed in args.seeds:
