@@ -39,7 +39,9 @@ def cli(run_dir: Path, extra: list[str], kill_at: str | None = None) -> subproce
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_task, tmp_path_factory):
     out = {}
-    for mode, extra in {"spin": [], "online_dpo": ["algorithm.mode=online_dpo", "rollout.n=2"]}.items():
+    for mode, extra in {"spin": [], "online_dpo": ["algorithm.mode=online_dpo", "rollout.n=2"],
+                        "online_dpo_lora": ["algorithm.mode=online_dpo", "rollout.n=2", "model.lora.rank=4",
+                                            "actor.lr=1e-2"]}.items():
         run_dir = tmp_path_factory.mktemp(mode) / "run"
         run(load_config([*SMOKE, *extra, f"trainer.output_dir={run_dir}"]))
         out[mode] = (extra, run_dir)
@@ -58,6 +60,7 @@ def test_same_seed_same_weights(uninterrupted, tmp_path):
     ("spin", "update:3"),            # round 2, after its first optimizer step
     ("spin", "checkpoint_write:2"),  # round 2's checkpoint: model written, trainer state not yet
     ("online_dpo", "generate:3"),    # round 2, step 1: the optimizer state is carried across rounds
+    ("online_dpo_lora", "update:4"),  # LoRA, round 2 after its first step: merged base + the same fresh adapter
 ])
 def test_kill_and_resume_equals_uninterrupted(uninterrupted, tmp_path, mode, kill_at):
     extra, reference = uninterrupted[mode]
