@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
-from spinlm.rewards import score_samples
+from spinlm.rewards import score_responses
 from spinlm.rollout.hf_rollout import SamplingParams, generate
 
 
@@ -18,9 +18,7 @@ def eos_ids_of(tokenizer, model=None) -> set[int]:
 
 def accuracy_metrics(items, responses: list[list[int]], tokenizer, reward_fn) -> dict[str, float]:
     """Score one greedy response per item: {"val/acc", "val/acc/<data_source>", "val/response_length"}."""
-    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-    scores = score_samples(reward_fn, [(it.example.data_source, t, it.example.ground_truth, it.example.extra_info,
-                                        it.example.origin) for it, t in zip(items, texts)])
+    scores = score_responses(reward_fn, items, tokenizer.batch_decode(responses, skip_special_tokens=True))
     by_source: dict[str, list[float]] = defaultdict(list)
     for it, s in zip(items, scores):
         by_source[it.example.data_source].append(s)
@@ -42,23 +40,13 @@ def pass_at_k(n: int, correct: int, k: int) -> float:
 def sample_scores(items, responses: list[list[list[int]]], tokenizer, reward_fn) -> list[list[float]]:
     """The reward of every sampled response: [item][sample]."""
     flat = [(it, r) for it, rs in zip(items, responses) for r in rs]
-    texts = tokenizer.batch_decode([r for _, r in flat], skip_special_tokens=True)
-    scores = score_samples(reward_fn, [(it.example.data_source, t, it.example.ground_truth, it.example.extra_info,
-                                        it.example.origin) for (it, _), t in zip(flat, texts)])
+    scores = score_responses(reward_fn, [it for it, _ in flat],
+                             tokenizer.batch_decode([r for _, r in flat], skip_special_tokens=True))
     per_item, pos = [], 0
     for rs in responses:
         per_item.append(scores[pos : pos + len(rs)])
         pos += len(rs)
     return per_item
-
-
-def sampled_metrics(items, responses: list[list[list[int]]], tokenizer, reward_fn, k: int) -> dict[str, float]:
-    """Score n >= k sampled responses per item: {"val/pass@k", "val/mean@k"}. A sample is right when its reward is
-    > 0 (the rule rewards give 1 for a right answer and 0 otherwise)."""
-    per_item = sample_scores(items, responses, tokenizer, reward_fn)
-    n_items = max(len(per_item), 1)
-    return {f"val/pass@{k}": sum(pass_at_k(len(s), sum(x > 0 for x in s), k) for s in per_item) / n_items,
-            f"val/mean@{k}": sum(sum(s) / len(s) for s in per_item) / n_items}
 
 
 def evaluate_accuracy(model, tokenizer, items, reward_fn, *, max_new_tokens: int, batch_size: int = 64,
@@ -72,7 +60,8 @@ def evaluate_accuracy(model, tokenizer, items, reward_fn, *, max_new_tokens: int
 
 def pass_at_k_metrics(items, samples: list[list[list[int]]], tokenizer, reward_fn, ks: list[int]) -> dict[str, float]:
     """pass@k for each k from n samples per item ([item][sample] -> token ids), overall and per data_source, and the
-    mean reward of the samples (val/mean@n). Right means reward > 0, as in the trainer's val/pass@k."""
+    mean reward of the samples (val/mean@n). A sample is right when its reward is > 0 (the rule rewards give 1 for a
+    right answer and 0 otherwise). The trainer's val/pass@k is this with n = k."""
     per_item = sample_scores(items, samples, tokenizer, reward_fn)
     n_items = max(len(per_item), 1)
     metrics: dict[str, float] = {}

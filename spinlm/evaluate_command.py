@@ -56,7 +56,7 @@ def evaluate_model_dir(cfg, model_path: Path, val_items_for) -> dict[str, float]
 
     from spinlm.evaluate import evaluate_accuracy, evaluate_pass_at_k
     from spinlm.rewards import get_reward_fn
-    from spinlm.workers.fsdp_workers import MIXED_PRECISION, autocast_context, load_model, load_tokenizer, pick_device
+    from spinlm.workers.fsdp_workers import autocast_context, load_model, load_tokenizer, master_dtype, pick_device
 
     has_tokenizer = (model_path / "tokenizer_config.json").is_file()
     tokenizer_path = str(model_path) if has_tokenizer else cfg.model.tokenizer_path
@@ -65,8 +65,7 @@ def evaluate_model_dir(cfg, model_path: Path, val_items_for) -> dict[str, float]
     tokenizer = load_tokenizer(tokenizer_path, cfg.model.trust_remote_code)
     device = pick_device(cfg.trainer.device)
     # as the trainer runs it: fp32 weights under autocast when model.dtype is bf16/fp16 (mixed precision)
-    weights = "float32" if cfg.model.dtype in MIXED_PRECISION else cfg.model.dtype
-    model = load_model(str(model_path), dtype=weights, attn_implementation=cfg.model.attn_implementation,
+    model = load_model(str(model_path), dtype=master_dtype(cfg.model.dtype), attn_implementation=cfg.model.attn_implementation,
                        device=device, trust_remote_code=cfg.model.trust_remote_code).eval()
     items = val_items_for(tokenizer)
     reward_fn = get_reward_fn(cfg.reward)

@@ -18,11 +18,11 @@ from spinlm.errors import UserError
 from spinlm.data.dataset import tokenize_examples
 from spinlm.data.formats import load_examples
 from spinlm.report import write_report
-from spinlm.rewards import get_reward_fn, score_samples
+from spinlm.rewards import get_reward_fn, score_responses
 from spinlm.spin_trainer import SpinTrainer, TrainerState
 from spinlm.tracking import Tracker
 from spinlm.rewards.reward_model import build_reward
-from spinlm.workers.fsdp_workers import load_tokenizer, master_dtype, pick_device
+from spinlm.workers.fsdp_workers import DTYPES, load_tokenizer, master_dtype, pick_device
 from spinlm.workers.worker_group import make_worker_group
 
 
@@ -80,9 +80,7 @@ def preflight_reward(reward_fn, items) -> None:
     so a reward function that cannot run fails now, naming the row, not rounds later."""
     for it in items:
         if it.example.ground_truth is not None:
-            text = it.example.response if it.example.response is not None else ""
-            score_samples(reward_fn, [(it.example.data_source, text, it.example.ground_truth, it.example.extra_info,
-                                       it.example.origin)])
+            score_responses(reward_fn, [it], [it.example.response if it.example.response is not None else ""])
             return
 
 
@@ -140,7 +138,7 @@ def train_rounds(cfg, run_dir: Path) -> list[dict]:
     if cfg.reward.weights.rule != 0 or not cfg.reward.model_path:  # a zero weight: the rule reward never runs
         preflight_reward(reward_fn, val_items + train_items)
     # the reward model (if any) lives with the driver, which judges samples; it loads before anything is written
-    reward = build_reward(cfg.reward, reward_fn, device=pick_device(cfg.trainer.device), dtype=master_dtype(cfg.model.dtype))
+    reward = build_reward(cfg.reward, reward_fn, device=pick_device(cfg.trainer.device), dtype=DTYPES[master_dtype(cfg.model.dtype)])
 
     state = TrainerState()
     model_path = cfg.model.path

@@ -19,8 +19,8 @@ from transformers import get_cosine_schedule_with_warmup
 
 from spinlm.config import ConfigError
 from spinlm.data.example import DataError
-from spinlm.workers.fsdp_workers import (DTYPES, MIXED_PRECISION, autocast_context, enable_gradient_checkpointing,
-                                         load_model, load_tokenizer)
+from spinlm.workers.fsdp_workers import (DTYPES, autocast_context, enable_gradient_checkpointing, load_model,
+                                         load_tokenizer, master_dtype)
 
 if TYPE_CHECKING:
     from spinlm.data.dataset import TokenizedExample
@@ -171,7 +171,7 @@ def _load_model_and_tokenizer(cfg: DictConfig, device: torch.device):
                                f"`spinlm task build` first)"])
     try:
         tokenizer = load_tokenizer(tok_path, cfg.model.trust_remote_code)
-        model = load_model(model_path, dtype="float32" if cfg.model.dtype in MIXED_PRECISION else cfg.model.dtype, attn_implementation=cfg.model.attn_implementation,
+        model = load_model(model_path, dtype=master_dtype(cfg.model.dtype), attn_implementation=cfg.model.attn_implementation,
                            device=device, trust_remote_code=cfg.model.trust_remote_code)
     except OSError as exc:
         raise ConfigError([f"model.path={model_path!r}: cannot load the model or tokenizer ({exc})"]) from exc

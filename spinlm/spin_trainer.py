@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from spinlm.checkpoint import save_checkpoint
 from spinlm.core_algos import apply_missing_eos_penalty, pair_by_reward
 from spinlm.errors import UserError
-from spinlm.evaluate import accuracy_metrics, sampled_metrics
+from spinlm.evaluate import accuracy_metrics, pass_at_k_metrics
 from spinlm.rewards.reward_model import WeightedReward
 from spinlm.rollout.hf_rollout import SamplingParams
 from spinlm.workers.dp_actor import LossSettings, Pairs
@@ -229,7 +229,6 @@ class SpinTrainer:
         self.state.skipped_steps += skipped
         self.bad_in_a_row = self.bad_in_a_row + 1 if skipped else 0
         metrics["train/skipped_steps"] = float(self.state.skipped_steps)
-        metrics["train/pairs"] = float(len(pairs))
         self.tracker.log(metrics, round=t + 1, step=self.state.global_step)
         if self.bad_in_a_row > self.cfg.trainer.max_bad_steps:
             raise NonFiniteError(
@@ -324,7 +323,7 @@ class SpinTrainer:
             k = self.cfg.trainer.val_pass_k
             if k:  # the same seed every round: rounds are compared on the same random draws
                 sampled = self.workers.generate(prompts, self.sampling(n=k), seed=1, desc=f"eval pass@{k}")
-                metrics.update(sampled_metrics(self.val_items, sampled.responses, self.tokenizer, self.reward_fn, k))
+                metrics.update(pass_at_k_metrics(self.val_items, sampled.responses, self.tokenizer, self.reward_fn, [k]))
             return metrics
 
     @contextmanager

@@ -138,4 +138,10 @@ def score_samples(fn: RewardFn, items: list[tuple[str, str, str | None, dict, st
     return scores
 
 
-__all__ = ["RewardError", "KNOWN_DATA_SOURCES", "get_reward_fn", "check_reward", "score_samples"]
+def score_responses(fn: RewardFn, items, texts: list[str]) -> list[float]:
+    """Score decoded responses to TokenizedExamples (one text per item) with ``fn``, against each item's ground truth."""
+    return score_samples(fn, [(it.example.data_source, text, it.example.ground_truth, it.example.extra_info,
+                               it.example.origin) for it, text in zip(items, texts)])
+
+
+__all__ = ["RewardError", "KNOWN_DATA_SOURCES", "get_reward_fn", "check_reward", "score_samples", "score_responses"]

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from spinlm.errors import UserError
-from spinlm.rewards import score_samples
+from spinlm.rewards import score_responses
 
 
 class RewardModel:
@@ -73,8 +73,7 @@ class WeightedReward:
         """items: TokenizedExamples (their example's prompt, data_source, ground truth); texts: decoded responses."""
         scores = [0.0] * len(texts)
         if self.reward_model is None or self.rule_weight != 0:
-            rule = score_samples(self.rule_fn, [(it.example.data_source, t, it.example.ground_truth,
-                                                 it.example.extra_info, it.example.origin) for it, t in zip(items, texts)])
+            rule = score_responses(self.rule_fn, items, texts)
             scores = rule if self.reward_model is None else [self.rule_weight * r for r in rule]
         if self.reward_model is not None:
             model = self.reward_model.score([it.example.prompt for it in items], texts)

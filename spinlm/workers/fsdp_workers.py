@@ -78,9 +78,10 @@ def resolve_attn_implementation(name: str, device: torch.device) -> str:
     return "sdpa"
 
 
-def master_dtype(dtype: str) -> torch.dtype:
-    """The dtype weights are stored and updated in: fp32 under mixed precision (bf16/fp16 is only the compute dtype)."""
-    return torch.float32 if dtype in MIXED_PRECISION else DTYPES[dtype]
+def master_dtype(dtype: str) -> str:
+    """The dtype (a DTYPES key) weights are stored and updated in: fp32 under mixed precision (bf16/fp16 is only the
+    compute dtype)."""
+    return "float32" if dtype in MIXED_PRECISION else dtype
 
 
 def load_model(path: str, *, dtype: str, attn_implementation: str, device, trust_remote_code: bool = False):
@@ -227,7 +228,7 @@ class PolicyWorker:
         c = self.cfg.model
         offload = frozen and self.offload_opponent
         device = "cpu" if offload and not self.distributed else self.device  # FSDP2 offloads from the GPU itself
-        model = load_model(path, dtype="float32" if c.dtype in MIXED_PRECISION else c.dtype,
+        model = load_model(path, dtype=master_dtype(c.dtype),
                            attn_implementation=self.attn_implementation, device=device,
                            trust_remote_code=c.trust_remote_code)
         disable_dropout(model)
