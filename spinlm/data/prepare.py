@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from spinlm.data.example import DataError
-from spinlm.data.formats import _BadRow, _messages, _text, read_rows
+from spinlm.data.formats import _BadRow, _from_messages, _messages, _text, read_rows
 
 # verl's examples/data_preprocess/gsm8k.py appends exactly this to each question
 GSM8K_INSTRUCTION = 'Let\'s think step by step and output the final answer after "####".'
@@ -59,21 +59,15 @@ def _ultrachat(row: dict, instruction: str) -> dict[str, Any]:
 
 
 def _chat(row: dict, instruction: str) -> dict[str, Any]:
-    msgs = _messages(row.get("messages"), "messages")
-    last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
-    if last is None:
-        raise _BadRow("messages", "expected at least one 'assistant' turn, found none")
-    if last == 0:
-        raise _BadRow("messages", "expected prompt turns before the last 'assistant' turn, found none")
-    answer = _text(msgs[last]["content"], f"messages[{last}].content")
+    chat = _from_messages(row)  # the loader's own split: turns before the last assistant turn, and that turn
     rm = row.get("reward_model")
     ground_truth = rm.get("ground_truth") if isinstance(rm, dict) else None
     if ground_truth is not None and (isinstance(ground_truth, bool) or not isinstance(ground_truth, (str, int, float))):
         raise _BadRow("reward_model.ground_truth", f"expected a string or a number, got {type(ground_truth).__name__}")
-    out = {"prompt": msgs[:last], "ability": "chat",
+    out = {"prompt": chat.prompt, "ability": "chat",
            "reward_model": {"style": "rule" if ground_truth is not None else "model",
                             "ground_truth": None if ground_truth is None else str(ground_truth)},
-           "extra_info": {"answer": answer}}
+           "extra_info": {"answer": chat.response}}
     if row.get("data_source") is not None:
         out["data_source"] = _text(row["data_source"], "data_source")
     return out
