@@ -9,7 +9,13 @@
 #   benchmarks/gpu_check.sh --tiny                     # the same path at CPU size, anywhere
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
+# The project's virtual environment when there is one (a clone where ./run_tests.sh or ./run_spin.sh ran), else the
+# machine's python3 (the GPU machine, which has torch and transformers but no .venv); PYTHON=... overrides both.
+VENV=${SPINLM_VENV:-.venv}
+if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
+elif [ -x "$VENV/bin/python" ]; then PY=$VENV/bin/python
+else PY=python3
+fi
 WHEELS=${SPINLM_GPU_WHEELS:-.cache/gpu_wheels}
 # omegaconf for spinlm's config (trl and datasets, for the comparison, are installed with what they lack)
 CORE=(omegaconf antlr4-python3-runtime PyYAML)

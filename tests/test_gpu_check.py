@@ -36,3 +36,15 @@ def test_gpu_check_tiny_runs_end_to_end_without_ray_hydra_or_vllm():
     assert spin["losses"][-1] < spin["losses"][0]  # the updates move the policy
     assert result["opponent_offload"]["opponent_max_abs_diff"] == 0.0
     assert "update:" in out.stdout and "rollout (hf engine)" in out.stdout
+
+
+def test_gpu_check_sh_tiny_runs_as_the_readme_shows_it():
+    """`benchmarks/gpu_check.sh --tiny` with no PYTHON set: it must pick the project's .venv, not the system python3
+    (which has no omegaconf on a fresh machine)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "PYTHONPATH", "VIRTUAL_ENV")}
+    env.setdefault("SPINLM_VENV", str(Path(sys.executable).parents[1]))  # the venv running this suite (.venv in CI)
+    env["OMP_NUM_THREADS"] = "1"
+    out = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--tiny", "--no-trl"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert any(line.startswith("RESULT ") for line in out.stdout.splitlines())
