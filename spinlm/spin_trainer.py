@@ -68,6 +68,8 @@ class SpinTrainer:
         self.workers = workers  # a worker group: one in-process rank, or Ray actors
         self.tokenizer = tokenizer
         self.train_items = train_items
+        # A training prompt's stable key for its random draws: its position in the training set
+        self.item_key = {id(it): i for i, it in enumerate(train_items)}
         self.val_items = val_items
         self.reward_fn = reward_fn  # the rule reward: val accuracy
         self.reward = reward or WeightedReward(reward_fn, None)  # what judges samples: rule and/or reward model
@@ -213,7 +215,8 @@ class SpinTrainer:
     # ---- shared pieces --------------------------------------------------------------------------------------------------
     def rollout(self, items, sampling: SamplingParams, seed: int, desc: str):
         with self.timer("generate"):
-            rollout = self.workers.generate([it.prompt_ids for it in items], sampling, seed=seed, desc=desc)
+            rollout = self.workers.generate([it.prompt_ids for it in items], sampling, seed=seed,
+                                            keys=[self.item_key[id(it)] for it in items], desc=desc)
         self.counts["rollout_tokens"] += sum(len(r) for rs in rollout.responses for r in rs)
         return rollout
 
@@ -317,12 +320,13 @@ class SpinTrainer:
     def evaluate(self) -> dict:
         prompts = [it.prompt_ids for it in self.val_items]
         with self.timer("eval"):
+            keys = list(range(len(prompts)))  # a val prompt's key is its position in the val set
             rollout = self.workers.generate(prompts, SamplingParams(max_new_tokens=self.cfg.data.max_response_length,
-                                                                    greedy=True), seed=0, desc="eval")
+                                                                    greedy=True), seed=0, keys=keys, desc="eval")
             metrics = accuracy_metrics(self.val_items, [r[0] for r in rollout.responses], self.tokenizer, self.reward_fn)
             k = self.cfg.trainer.val_pass_k
             if k:  # the same seed every round: rounds are compared on the same random draws
-                sampled = self.workers.generate(prompts, self.sampling(n=k), seed=1, desc=f"eval pass@{k}")
+                sampled = self.workers.generate(prompts, self.sampling(n=k), seed=1, keys=keys, desc=f"eval pass@{k}")
                 metrics.update(pass_at_k_metrics(self.val_items, sampled.responses, self.tokenizer, self.reward_fn, [k]))
             return metrics
 

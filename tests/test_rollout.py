@@ -140,6 +140,40 @@ def test_sampling_n_reproducible_and_leaves_global_rng_alone(model, prompts):
     assert all(len({tuple(r) for r in rs}) > 1 for rs in a.responses)
 
 
+def test_a_prompts_samples_depend_on_its_key_not_its_batch_rank_or_order(model, prompts):
+    """Rank- and batch-invariant sampling: the same (seed, key) gives the same samples whatever batch_size, order,
+    or subset of prompts (a rank's share) they are generated in, and whatever rows finished early."""
+    params = SamplingParams(n=3, max_new_tokens=10)
+    keys = [100 + 7 * i for i in range(len(prompts))]
+    whole = generate(model, prompts, params, pad_id=PAD, eos_ids={3, 5, 7}, batch_size=64, seed=9, keys=keys,
+                     progress=False)
+    small = generate(model, prompts, params, pad_id=PAD, eos_ids={3, 5, 7}, batch_size=1, seed=9, keys=keys,
+                     progress=False)
+    assert small.responses == whole.responses and small.ended == whole.ended
+    order = list(reversed(range(len(prompts))))[::2]  # another rank's share, in another order
+    part = generate(model, [prompts[i] for i in order], params, pad_id=PAD, eos_ids={3, 5, 7}, batch_size=2, seed=9,
+                    keys=[keys[i] for i in order], progress=False)
+    assert part.responses == [whole.responses[i] for i in order]
+    other_keys = generate(model, prompts, params, pad_id=PAD, eos_ids={3, 5, 7}, batch_size=64, seed=9,
+                          keys=[k + 1 for k in keys], progress=False)
+    assert other_keys.responses != whole.responses
+
+
+def test_mix64_is_splitmix64():
+    """The int64 tensor hash equals splitmix64's finaliser computed with Python's unbounded integers."""
+    from spinlm.rollout.hf_rollout import mix64
+
+    def reference(x: int) -> int:
+        x %= 2**64
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % 2**64
+        return x ^ (x >> 31)
+
+    xs = [0, 1, -5, 2**62 + 12345, -(2**63), 2**63 - 1]
+    assert [int(v) % 2**64 for v in mix64(torch.tensor(xs, dtype=torch.int64))] == [reference(x) for x in xs]
+    assert reference(0x9E3779B97F4A7C15) == 0xE220A8397B1DCDAF  # splitmix64's first output for seed 0
+
+
 def test_top_k_1_samples_equal_greedy(model, prompts):
     expected = [r[0] for r in greedy(model, prompts, 10, {3, 5, 7}).responses]
     out = sample(model, prompts, seed=5, top_k=1, temperature=0.7, top_p=0.9)

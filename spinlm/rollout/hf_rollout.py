@@ -6,9 +6,13 @@ once, its KV cache is repeated n times along the batch, and rows that have emitt
 cache) once they are an eighth of it, so later steps run on fewer rows.
 
 Everything else matches transformers' sampling: left padding with position ids from the attention mask,
-temperature, then top-k, then top-p (transformers' own logits warpers), multinomial sampling, or argmax when greedy.
-Prompts are sorted by length so each batch pads little; each response is cut after its first EOS (inclusive), so
-nothing after EOS is ever scored or trained on; results come back in the caller's order.
+temperature, then top-k, then top-p (transformers' own logits warpers), then a draw from the resulting distribution,
+or argmax when greedy. Prompts are sorted by length so each batch pads little; each response is cut after its first
+EOS (inclusive), so nothing after EOS is ever scored or trained on; results come back in the caller's order.
+
+The draw is inverse-CDF sampling with a uniform number that is a hash of (seed, the prompt's key, the sample index,
+the token position) and nothing else: a prompt's samples are the same whichever batch, rank or order it lands in,
+whatever the world size or ``batch_size``, and however many rows have already finished.
 """
 from __future__ import annotations
 
@@ -79,19 +83,69 @@ def logits_warpers(params: SamplingParams) -> LogitsProcessorList:
     return warpers
 
 
+# splitmix64's constants as signed int64 (torch integer arithmetic wraps around like uint64 in two's complement)
+_GOLDEN = 0x9E3779B97F4A7C15 - 2**64
+_MIX1 = 0xBF58476D1CE4E5B9 - 2**64
+_MIX2 = 0x94D049BB133111EB - 2**64
+
+
+def _shift_right(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical (unsigned) right shift of int64 values."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def mix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on an int64 tensor: a bijective hash whose outputs look independent."""
+    x = (x ^ _shift_right(x, 30)) * _MIX1
+    x = (x ^ _shift_right(x, 27)) * _MIX2
+    return x ^ _shift_right(x, 31)
+
+
+def sample_streams(seed: int, keys: torch.Tensor, n: int) -> torch.Tensor:
+    """One int64 stream id per (key, sample index): prompt-major, n per key."""
+    base = mix64(torch.tensor(seed, dtype=torch.int64) + _GOLDEN)
+    per_key = mix64(base + keys.to(torch.int64) * _GOLDEN)
+    return mix64(per_key.repeat_interleave(n) + torch.arange(n, dtype=torch.int64).repeat(len(keys)) * _GOLDEN)
+
+
+def request_seeds(seed: int, keys: list[int]) -> list[int]:
+    """One non-negative 63-bit seed per prompt key (for an engine that takes a seed per request, e.g. vLLM)."""
+    return [int(v) & (2**63 - 1) for v in sample_streams(seed, torch.tensor(keys, dtype=torch.int64), 1)]
+
+
+def stream_uniforms(streams: torch.Tensor, position: int) -> torch.Tensor:
+    """A float64 in [0, 1) per stream for this token position (53 random bits)."""
+    h = mix64(streams + torch.tensor(position + 1, dtype=torch.int64, device=streams.device) * _GOLDEN)
+    return _shift_right(h, 11).to(torch.float64) * 2.0**-53
+
+
+def sample_from(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw, one per row: the first token whose cumulative probability exceeds u * total. A token of
+    probability 0 (cut by top-k / top-p) is never drawn: its cumulative sum equals its predecessor's."""
+    cdf = probs.to(torch.float64).cumsum(dim=-1)
+    target = uniforms[:, None] * cdf[:, -1:]
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
+
+
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], params: SamplingParams, *, pad_id: int, eos_ids: set[int],
-             batch_size: int = 64, seed: int | None = None, desc: str = "generate", progress: bool = True) -> Rollout:
+             batch_size: int = 64, seed: int | None = None, keys: list[int] | None = None, desc: str = "generate",
+             progress: bool = True) -> Rollout:
     """Sample ``params.n`` responses per prompt (one when greedy). ``batch_size`` counts prompts, so a decode step
-    runs on at most ``batch_size * n`` rows. ``seed`` seeds a private generator (the global RNG is left alone)."""
+    runs on at most ``batch_size * n`` rows. ``keys`` are the prompts' stable ids (default: their positions): a
+    sample depends only on (seed, key, sample index, position). ``seed=None`` draws a seed from torch's global RNG."""
     check_params(params)
     if batch_size < 1:
         raise ValueError(f"generate: batch_size={batch_size!r}; expected >= 1 (prompts per batch)")
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise ValueError(f"generate: prompt {i} is empty; expected at least one token")
+    keys = list(range(len(prompts))) if keys is None else list(keys)
+    if len(keys) != len(prompts):
+        raise ValueError(f"generate: {len(keys)} keys for {len(prompts)} prompts; expected one key per prompt")
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
     device = next(model.parameters()).device
-    rng = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     n = 1 if params.greedy else params.n
     warpers = LogitsProcessorList() if params.greedy else logits_warpers(params)
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
@@ -104,8 +158,9 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, *, pad_id:
     try:
         for s in range(0, len(order), batch_size):
             idx = order[s : s + batch_size]
+            streams = sample_streams(seed, torch.tensor([keys[i] for i in idx], dtype=torch.int64), n).to(device)
             rows, lengths = _generate_batch(model, [prompts[i] for i in idx], n, params.max_new_tokens, warpers,
-                                            params.greedy, pad_id, eos, rng, device)
+                                            params.greedy, pad_id, eos, streams, device)
             for j, i in enumerate(idx):
                 cut = range(j * n, (j + 1) * n)
                 responses[i] = [rows[r][: lengths[r]] for r in cut]
@@ -129,7 +184,7 @@ def _forward_kwargs(model, cache: DynamicCache) -> tuple[dict, dict]:
 
 
 def _generate_batch(model, prompts: list[list[int]], n: int, max_new_tokens: int, warpers: LogitsProcessorList,
-                    greedy: bool, pad_id: int, eos: torch.Tensor, rng: torch.Generator | None,
+                    greedy: bool, pad_id: int, eos: torch.Tensor, streams: torch.Tensor,
                     device: torch.device) -> tuple[list[list[int]], list[int]]:
     """One left-padded batch. Returns the token rows (prompt-major, n per prompt) and each row's response length."""
     width = max(len(p) for p in prompts)
@@ -165,7 +220,7 @@ def _generate_batch(model, prompts: list[list[int]], n: int, max_new_tokens: int
             nxt = logits.argmax(dim=-1)
         else:
             probs = torch.softmax(warpers(None, logits), dim=-1)
-            nxt = torch.multinomial(probs, num_samples=1, generator=rng).squeeze(1)
+            nxt = sample_from(probs, stream_uniforms(streams[active], step))
         tokens[active, step] = nxt   # rows already finished write past their length: cut off below
         if step == max_new_tokens - 1:
             break

@@ -22,7 +22,7 @@ from typing import Iterable
 import torch
 
 from spinlm.errors import UserError
-from spinlm.rollout.hf_rollout import Rollout, SamplingParams, check_params
+from spinlm.rollout.hf_rollout import Rollout, SamplingParams, check_params, request_seeds
 
 
 def vllm_sampling_params(params: SamplingParams, *, stop_ids: set[int], seed: int | None):
@@ -124,7 +124,9 @@ class VllmRollout:
 
     # ---- rollout -----------------------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams, *, eos_ids: set[int],
-                 seed: int | None) -> Rollout:
+                 seed: int | None, keys: list[int] | None = None) -> Rollout:
+        """``keys``: the prompts' stable ids (default: positions); each request's seed is a hash of (seed, key), the
+        hf engine's stream rule, so a prompt's samples do not depend on its batch, rank or world size."""
         check_params(params)
         for i, p in enumerate(prompts):
             if len(p) == 0:
@@ -132,9 +134,9 @@ class VllmRollout:
         self.wake_cache()
         try:
             requests = [{"prompt_token_ids": list(p)} for p in prompts]
-            # one seed per prompt: a prompt's samples do not depend on which batch or rank it landed in
-            per_prompt = [vllm_sampling_params(params, stop_ids=eos_ids, seed=None if seed is None else seed + i)
-                          for i in range(len(prompts))]
+            keys = list(range(len(prompts))) if keys is None else list(keys)
+            seeds = [None] * len(prompts) if seed is None else request_seeds(seed, keys)
+            per_prompt = [vllm_sampling_params(params, stop_ids=eos_ids, seed=s) for s in seeds]
             outputs = self.llm.generate(requests, per_prompt, use_tqdm=False) if prompts else []
         finally:
             self.sleep()

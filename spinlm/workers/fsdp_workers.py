@@ -289,21 +289,23 @@ class PolicyWorker:
                 m.reshard()
                 m.set_reshard_after_forward(True, recurse=False)
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int, desc: str = "generate") -> Rollout:
+    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int, desc: str = "generate",
+                 keys: list[int] | None = None) -> Rollout:
+        """``keys``: the prompts' stable ids (default: positions); samples depend on (seed, key) only, not the rank."""
         if self.vllm is not None:
-            rollout = self._generate_vllm(prompts, params, seed + 7919 * self.rank)
+            rollout = self._generate_vllm(prompts, keys, params, seed)
         else:
             with self.gathered(), self.autocast():
                 rollout = generate(self.model, prompts, params, pad_id=self.tokenizer.pad_token_id,
                                    eos_ids=self.eos_ids, batch_size=self.cfg.rollout.batch_size,
-                                   seed=seed + 7919 * self.rank, desc=desc, progress=self.rank == 0)
+                                   seed=seed, keys=keys, desc=desc, progress=self.rank == 0)
         crash_point("eval" if params.greedy else "generate")
         return rollout
 
-    def _generate_vllm(self, prompts, params: SamplingParams, seed: int) -> Rollout:
+    def _generate_vllm(self, prompts, keys, params: SamplingParams, seed: int) -> Rollout:
         if self.weights_stale or self.vllm.needs_weights:
             self.push_weights()
-        return self.vllm.generate(prompts, params, eos_ids=self.eos_ids, seed=seed)
+        return self.vllm.generate(prompts, params, eos_ids=self.eos_ids, seed=seed, keys=keys)
 
     @torch.no_grad()
     def push_weights(self) -> None:
@@ -411,3 +413,7 @@ class PolicyWorker:
         dcp.load(state, checkpoint_id=str(folder), no_dist=not self.distributed)
         set_optimizer_state_dict(self.policy, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        # The saved learning rate belongs to the saved schedule; a resume with more rounds has a longer one, so
+        # the next step's rate is this schedule's at the restored position, not the saved number.
+        for group, fn, base in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas, self.scheduler.base_lrs):
+            group["lr"] = base * fn(self.scheduler.last_epoch)

@@ -76,9 +76,12 @@ class LocalWorkerGroup:
         return [self._call(method, *args, **kwargs)]
 
     # ---- what the trainer calls (identical for every group) -------------------------------------------------------
-    def generate(self, prompts, params, seed: int, desc: str = "generate") -> Rollout:
-        parts = [(prompts[c.start : c.stop],) for c in even_chunks(len(prompts), self.world_size)]
-        outs = self._each("generate", parts, params=params, seed=seed, desc=desc)
+    def generate(self, prompts, params, seed: int, keys: list[int], desc: str = "generate") -> Rollout:
+        """``keys``: each prompt's stable id. A sample depends on (seed, key, sample index, position) only, so the
+        split across ranks changes nothing."""
+        parts = [(prompts[c.start : c.stop], params, seed, desc, keys[c.start : c.stop])
+                 for c in even_chunks(len(prompts), self.world_size)]
+        outs = self._each("generate", parts)
         return Rollout(sum((o.responses for o in outs), []), sum((o.ended for o in outs), []))
 
     def sequence_logps(self, prompts, responses, *, opponent: bool = False) -> torch.Tensor:
