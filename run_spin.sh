@@ -6,4 +6,4 @@ cd "$(dirname "$0")"
 scripts/setup_env.sh
 VENV=${SPINLM_VENV:-.venv}
 "$VENV/bin/spinlm" task build --output "${SPINLM_TINY_DIR:-.cache/tiny_task}"
-exec "$VENV/bin/spinlm" train "$@"
+exec "$VENV/bin/spinlm" train preset=tiny "$@"

@@ -17,6 +17,7 @@ def train(config: Iterable[str] | Mapping | None = None):
 
     from spinlm.config import load_config
     from spinlm.config_check import validate
+    from spinlm.tasks.build import ensure_bundled_task
 
     if isinstance(config, Mapping) and not isinstance(config, DictConfig):
         nested = OmegaConf.create()
@@ -24,6 +25,7 @@ def train(config: Iterable[str] | Mapping | None = None):
             OmegaConf.update(nested, str(key), value, merge=True)
         config = nested
     cfg = load_config(config if config is not None else ())
+    ensure_bundled_task(cfg)
     validate(cfg)  # before torch is imported: a bad config is reported in a fraction of a second
     from spinlm.main_spin import run_and_report
 

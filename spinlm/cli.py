@@ -23,8 +23,11 @@ def _cmd_train(args) -> int:
 
 def _cmd_sft(args) -> int:
     from spinlm.sft import run_sft_from_config
+    from spinlm.tasks.build import ensure_bundled_task
 
-    run_sft_from_config(load_config(args.overrides))
+    cfg = load_config(args.overrides)
+    ensure_bundled_task(cfg)
+    run_sft_from_config(cfg)
     return 0
 
 
@@ -49,11 +52,16 @@ def _cmd_prepare(args) -> int:
 
 def _cmd_config(args) -> int:
     from spinlm.config_check import check_config
+    from spinlm.tasks.build import ensure_bundled_task
 
     cfg = load_config(args.overrides)
     if args.action == "show":
+        preset = cfg.get("preset")
+        print(f"# preset: {preset} (spinlm/config/preset/{preset}.yaml over the defaults)" if preset
+              else "# preset: none (the packaged defaults, spinlm/config/default.yaml)")
         print(to_yaml(cfg), end="")
         return 0
+    ensure_bundled_task(cfg)
     problems = check_config(cfg)
     if problems:
         print(f"config check: {len(problems)} problem(s)", file=sys.stderr)

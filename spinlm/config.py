@@ -42,15 +42,18 @@ def _parse_overrides(overrides: Iterable[str]) -> DictConfig:
 
 
 def load_config(overrides: Iterable[str] | Mapping | DictConfig = ()) -> DictConfig:
-    """Defaults <- preset <- overrides. Unknown keys are kept so that the safety officer can name them all."""
+    """Defaults <- the preset, when one is named <- overrides. Unknown keys are kept so that the safety officer can
+    name them all."""
     if isinstance(overrides, (Mapping, DictConfig)):
         user = OmegaConf.create(dict(overrides) if isinstance(overrides, Mapping) else overrides)
     else:
         user = _parse_overrides(list(overrides))
     base = default_config()
     preset = user.get("preset", base.preset)
+    if preset is None:
+        return OmegaConf.merge(base, user)
     if preset not in available_presets():
-        raise ConfigError([f"preset={preset!r}: unknown preset; expected one of {available_presets()}"])
+        raise ConfigError([f"preset={preset!r}: unknown preset; expected null or one of {available_presets()}"])
     cfg = OmegaConf.merge(base, OmegaConf.load(_config_dir() / "preset" / f"{preset}.yaml"), user)
     cfg.preset = preset
     return cfg

@@ -48,6 +48,7 @@ LOGGERS = ("console", "jsonl", "tensorboard", "wandb", "mlflow")
 TYPE_OVERRIDES: dict[str, tuple[str, ...]] = {
     "model.path": ("str",),
     "model.tokenizer_path": ("null", "str"),
+    "preset": ("null", "str"),
     "data.train_files": ("str", "list[str]"),
     "data.val_files": ("null", "str", "list[str]"),
     "data.prompts_per_round": ("null", "int"),
@@ -299,6 +300,8 @@ class _Values:
 def _check_enums(v: _Values) -> list[str]:
     problems = []
     choices_of = dict(ENUMS, preset=tuple(available_presets()))
+    if v.has("preset") and v["preset"] is None:  # no preset: the packaged defaults
+        v.drop("preset")
     for key, choices in choices_of.items():
         if v.has(key) and v[key] not in choices:
             close = difflib.get_close_matches(str(v[key]), choices, n=1)

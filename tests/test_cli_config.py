@@ -111,3 +111,31 @@ def test_config_check_runs_from_another_directory(paths, tmp_path):
                             cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert not (Path(tmp_path) / "outputs").exists()
+
+
+def test_no_preset_unless_named_and_config_show_says_which():
+    """`spinlm train model.path=M data.train_files=F` must not take the tiny demo's settings."""
+    from spinlm.config import load_config
+
+    cfg = load_config(["model.path=m", "data.train_files=f.jsonl"])
+    assert cfg.preset is None
+    assert (cfg.algorithm.beta, cfg.algorithm.dpop_lambda, cfg.algorithm.sft_weight, cfg.actor.lr) == (0.1, 0.0, 0.0, 5e-7)
+    assert (cfg.data.max_prompt_length, cfg.data.max_response_length, cfg.data.val_files) == (512, 512, None)
+    tiny = load_config(["preset=tiny"])
+    assert (tiny.algorithm.beta, tiny.algorithm.dpop_lambda, tiny.actor.lr) == (1.0, 5.0, 2e-4)
+    shown = _spinlm("config", "show")
+    assert shown.returncode == 0 and shown.stdout.splitlines()[0].startswith("# preset: none")
+    assert yaml.safe_load(shown.stdout)["preset"] is None
+    shown = _spinlm("config", "show", "preset=smoke")
+    assert shown.stdout.splitlines()[0].startswith("# preset: smoke")
+
+
+def test_bundled_task_is_built_only_when_the_preset_reads_it(tmp_path, monkeypatch):
+    from spinlm.config import load_config
+    from spinlm.tasks.build import ensure_bundled_task
+
+    monkeypatch.setenv("SPINLM_TINY_DIR", str(tmp_path / "task"))
+    # every path overridden away from the bundled task: nothing to build, nothing written
+    ensure_bundled_task(load_config(["preset=smoke", "model.path=m", "data.train_files=t.parquet", "data.val_files=null"]))
+    ensure_bundled_task(load_config(["model.path=m", "data.train_files=t.parquet"]))  # no preset
+    assert not (tmp_path / "task").exists()

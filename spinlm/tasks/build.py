@@ -86,6 +86,30 @@ def _sibling(out: Path, tag: str) -> Path:
     return path
 
 
+BUNDLED_TASK_PRESETS = ("tiny", "smoke")  # the presets that read the bundled task from $SPINLM_TINY_DIR
+
+
+def ensure_bundled_task(cfg) -> None:
+    """preset=tiny / smoke train on the bundled task in $SPINLM_TINY_DIR (default .cache/tiny_task): build it on
+    first use (about 40 s on 2 cores), as ./run_spin.sh does, so that a pip-installed spinlm runs them too."""
+    if cfg.get("preset") not in BUNDLED_TASK_PRESETS:
+        return
+    out = Path(os.environ.get("SPINLM_TINY_DIR", ".cache/tiny_task")).resolve()
+    if (out / INFO_FILE).is_file():
+        return
+    from omegaconf import OmegaConf
+
+    paths = [OmegaConf.select(cfg, "model.path", default=None)]
+    for key in ("data.train_files", "data.val_files"):
+        paths += _as_list(OmegaConf.select(cfg, key, default=None))
+    if any(isinstance(p, str) and Path(p).resolve().is_relative_to(out) for p in paths):  # not when overridden away
+        build_tiny_task(out)
+
+
+def _as_list(value) -> list:
+    return [] if value is None else [value] if isinstance(value, str) else list(value)
+
+
 def build_tiny_task(out_dir: str | Path, *, seed: int = 0, force: bool = False, n_train: int = 2000,
                     n_val: int = 200, n_sft: int = 500, sft_steps: int = 300, sft_batch_size: int = 16,
                     sft_lr: float = 1e-3, min_steps: int = 1, max_steps: int = 3, max_number: int = 20,
