@@ -68,6 +68,10 @@ def _cmd_config(args) -> int:
         for p in problems:
             print(f"- {p}", file=sys.stderr)
         return 2
+    from spinlm.config_check import ignored_key_warnings
+
+    for warning in ignored_key_warnings(cfg):
+        print(f"WARNING: {warning}", file=sys.stderr)
     print("config check: OK")
     return 0
 

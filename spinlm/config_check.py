@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -21,8 +22,10 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from spinlm.config import ConfigError, available_presets, default_config
+from spinlm.config import ConfigError, available_presets, default_config, load_config
 from spinlm.tracking import missing_logger_libraries
+
+logger = logging.getLogger(__name__)
 
 MISSING = "???"
 
@@ -54,6 +57,7 @@ TYPE_OVERRIDES: dict[str, tuple[str, ...]] = {
     "data.prompts_per_round": ("null", "int"),
     "data.val_max_samples": ("null", "int"),
     "algorithm.beta": ("float", "list[float]"),
+    "algorithm.length_normalize": ("null", "bool"),
     "reward.custom_path": ("null", "str"),
     "reward.model_path": ("null", "str"),
     "ray.address": ("null", "str"),
@@ -680,8 +684,36 @@ def check_eval_config(cfg: DictConfig) -> list[str]:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Raise ConfigError listing every problem, or return quietly."""
+    """Raise ConfigError listing every problem, or return quietly (logging a warning for each ignored key)."""
     problems = check_config(cfg)
     if problems:
         raise ConfigError(problems)
+    for warning in ignored_key_warnings(cfg):
+        logger.warning("WARNING: %s", warning)
+
+
+# Keys that only one mode reads; the other mode ignores them.
+MODE_ONLY_KEYS = {
+    "spin": ("algorithm.history_rounds", "algorithm.drop_identical_pairs", "trainer.epochs_per_round",
+             "data.prompts_per_round"),
+    "online_dpo": ("rollout.n", "algorithm.ref_update_every", "algorithm.missing_eos_penalty", "actor.opponent_offload"),
+}
+
+
+def ignored_key_warnings(cfg: DictConfig) -> list[str]:
+    """A key the chosen mode ignores, set away from its default (or its preset's value): a line saying so."""
+    mode = OmegaConf.select(cfg, "algorithm.mode", default=None)
+    if mode not in MODE_ONLY_KEYS:
+        return []
+    preset = OmegaConf.select(cfg, "preset", default=None)
+    baseline = load_config([f"preset={preset}"] if preset else [])
+    out = []
+    for other, keys in MODE_ONLY_KEYS.items():
+        if other == mode:
+            continue
+        for key in keys:
+            value = OmegaConf.select(cfg, key, default=None)
+            if value != OmegaConf.select(baseline, key, default=None):
+                out.append(f"{key}={_fmt(value)} is ignored in algorithm.mode={mode} (only {other} reads it)")
+    return out
 

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -78,6 +79,7 @@ class SpinTrainer:
         self.state = state
         self.mode = cfg.algorithm.mode
         self.bad_in_a_row = 0
+        self.policy_is_opponent = False  # no update since the opponent was last set to the policy
         self.timings: dict[str, float] = {}
 
     # ---- the loop ---------------------------------------------------------------------------------------------------
@@ -126,6 +128,7 @@ class SpinTrainer:
         self.tracker.log(rollout_metrics, round=t + 1, step=self.state.global_step, kind="rollout")
 
         pairs = self.with_history(t, judged.pairs)
+        self.policy_is_opponent = True
         with self.timer("ref_logps"):  # the opponent IS the policy now: its log-probs become numbers, one model stays
             ref_chosen = self.workers.sequence_logps(pairs.prompts, pairs.chosen)
             ref_rejected = self.workers.sequence_logps(pairs.prompts, pairs.rejected)
@@ -170,6 +173,7 @@ class SpinTrainer:
             self.workers.start_schedule(cfg.trainer.rounds * steps)
         all_pairs: list[RoundPairs] = []
         last: dict = {}
+        self.policy_is_opponent = True  # refreshed at the end of the last round (or the start model)
         for _ in tqdm(range(steps), desc=f"round {t + 1} steps", leave=False):
             items = self.step_items(self.state.global_step)
             rollout = self.rollout(items, self.sampling(n=cfg.rollout.n), self.seed_for(t, self.state.global_step),
@@ -221,7 +225,8 @@ class SpinTrainer:
         return rollout
 
     def train_step(self, t: int, pairs: Pairs, ref_chosen, ref_rejected) -> dict:
-        metrics = self.workers.update(pairs, ref_chosen, ref_rejected, self.loss_settings(t))
+        settings = dataclasses.replace(self.loss_settings(t), reference_is_policy=self.policy_is_opponent)
+        metrics = self.workers.update(pairs, ref_chosen, ref_rejected, settings)
         self.counts["update_tokens"] += metrics["train/tokens"]
         if metrics["train/step_skipped"] == 0:
             self.counts["steps"] += 1
@@ -229,6 +234,7 @@ class SpinTrainer:
             self.counts["margins"] += metrics["rewards/margins"]
         self.state.global_step += 1
         skipped = metrics.pop("train/step_skipped") > 0
+        self.policy_is_opponent = self.policy_is_opponent and skipped
         self.state.skipped_steps += skipped
         self.bad_in_a_row = self.bad_in_a_row + 1 if skipped else 0
         metrics["train/skipped_steps"] = float(self.state.skipped_steps)
@@ -266,8 +272,10 @@ class SpinTrainer:
     def loss_settings(self, t: int) -> LossSettings:
         a = self.cfg.algorithm
         beta = a.beta if isinstance(a.beta, (int, float)) else a.beta[t]  # a number, or one value per round
+        # null: per-token means for ipo (as TRL and the IPO paper), sums for every other loss (as DPO)
+        normalize = a.loss_type == "ipo" if a.length_normalize is None else a.length_normalize
         return LossSettings(beta=float(beta), loss_type=a.loss_type, label_smoothing=a.label_smoothing,
-                            dpop_lambda=a.dpop_lambda, sft_weight=a.sft_weight, length_normalize=a.length_normalize)
+                            dpop_lambda=a.dpop_lambda, sft_weight=a.sft_weight, length_normalize=normalize)
 
     def sampling(self, n: int) -> SamplingParams:
         r = self.cfg.rollout

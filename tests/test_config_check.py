@@ -392,3 +392,15 @@ def test_all_problems_at_once(files):
                          "actor.lr=abc", "trainer.train_batch_size=30")
     assert [p.split(":")[0] for p in found] == [
         "trainer.round=3", "actor.lr=abc", "algorithm.beta=-1", "rollout.n=1", "trainer.train_batch_size=30"]
+
+
+def test_keys_the_mode_ignores_are_named():
+    from spinlm.config_check import ignored_key_warnings
+
+    assert ignored_key_warnings(load_config(["preset=smoke"])) == []  # a preset's own values are not the user's
+    assert ignored_key_warnings(load_config(["preset=smoke", "rollout.n=4", "algorithm.missing_eos_penalty=1"])) == [
+        "rollout.n=4 is ignored in algorithm.mode=spin (only online_dpo reads it)",
+        "algorithm.missing_eos_penalty=1 is ignored in algorithm.mode=spin (only online_dpo reads it)"]
+    assert ignored_key_warnings(load_config(["preset=smoke", "algorithm.mode=online_dpo", "rollout.n=4",
+                                             "algorithm.history_rounds=2"])) == [
+        "algorithm.history_rounds=2 is ignored in algorithm.mode=online_dpo (only spin reads it)"]

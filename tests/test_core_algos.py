@@ -249,3 +249,40 @@ def test_segment_sum_ignores_minus_one():
     seg = torch.tensor([0, 2, -1, 0, 2, -1])
     # segment 0: 1 + 8; segment 1: nothing; segment 2: 2 + 16; -1 positions (4, 32) dropped
     assert segment_sum(values, seg, 3).tolist() == [9.0, 0.0, 18.0]
+
+
+def test_segment_sum_accumulates_in_float64():
+    values = torch.full((1000,), 0.1, dtype=torch.float32)
+    out = segment_sum(values, torch.zeros(1000, dtype=torch.long), 1)
+    assert out.dtype == torch.float64
+    assert abs(out.item() - 1000 * float(torch.tensor(0.1, dtype=torch.float32))) < 1e-9  # fp32 sums drift ~1e-5 here
+
+
+def test_weight_decay_spares_norm_weights_and_biases():
+    """The Hugging Face Trainer's rule (and so TRL's): no decay on LayerNorm/RMSNorm weights and biases."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from spinlm.workers.fsdp_workers import parameter_groups
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                                         num_attention_heads=2, num_key_value_heads=2, attention_bias=True))
+    decay, no_decay = parameter_groups(model.parameters(), 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    # per layer: 2 norms + q/k/v/o biases = 6 one-dimensional tensors; plus the final norm
+    assert len(no_decay["params"]) == 3 * 6 + 1
+    # per layer q/k/v/o + gate/up/down = 7 matrices; plus embeddings and the (untied) lm-head
+    assert len(decay["params"]) == 3 * 7 + 2
+    assert all(p.ndim >= 2 for p in decay["params"])
+
+
+def test_ipo_is_length_normalised_by_default_and_sigmoid_is_not():
+    from types import SimpleNamespace
+
+    from spinlm.config import load_config
+    from spinlm.spin_trainer import SpinTrainer
+
+    def settings(*overrides):
+        return SpinTrainer.loss_settings(SimpleNamespace(cfg=load_config(["model.path=m", *overrides])), 0)
+
+    assert settings("algorithm.loss_type=ipo").length_normalize is True
+    assert settings().length_normalize is False
+    assert settings("algorithm.loss_type=ipo", "algorithm.length_normalize=false").length_normalize is False

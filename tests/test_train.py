@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,10 @@ def test_spin_round_writes_the_run_directory(tiny_task, tmp_path):
     val = [r for r in rows if r["kind"] == "val"][-1]
     assert {"val/acc", "val/acc/tiny_arith", "time/generate", "time/ref_logps", "time/update", "time/eval",
             "time/save"} <= set(val)
+    # step 1: the policy IS the opponent, so exactly ln 2 and zero rewards (TRL's numbers), whatever the packing
+    assert train[0]["loss"] == math.log(2)
+    assert train[0]["rewards/chosen"] == train[0]["rewards/rejected"] == train[0]["rewards/accuracies"] == 0.0
+    assert train[1]["rewards/margins"] != 0.0  # afterwards the opponent's numbers are the precomputed ones
     pairs = pq.read_table(run_dir / "rounds" / "1" / "pairs.parquet").to_pylist()
     assert len(pairs) > 0
     for p in pairs:  # mode spin: chosen is the ground truth and never the sample
@@ -63,6 +68,8 @@ def test_online_dpo_pairs_best_against_worst_of_the_same_prompt(tiny_task, tmp_p
     for row in pq.read_table(tiny_task / "train.parquet").to_pylist():
         train_prompts[row["prompt"][0]["content"]] = row["reward_model"]["ground_truth"]
     pairs = pq.read_table(run_dir / "rounds" / "1" / "pairs.parquet").to_pylist()
+    first = next(r for r in metrics(run_dir) if r["kind"] == "train")  # the round's first update: policy = opponent
+    assert first["loss"] == math.log(2) and first["rewards/margins"] == first["rewards/accuracies"] == 0.0
     rollouts = [r for r in metrics(run_dir) if r["kind"] == "rollout"]
     assert sum(r["rollout/pairs"] for r in rollouts) == len(pairs)
     assert all(r["rollout/pairs"] + r["rollout/ties_dropped"] == 16 for r in rollouts)

@@ -45,6 +45,10 @@ class LossSettings:
     dpop_lambda: float = 0.0
     sft_weight: float = 0.0
     length_normalize: bool = False
+    # The policy still has the opponent's weights (a round's first update): the opponent's log-probs are the
+    # policy's own from this very forward, so step 1 gives exactly loss ln 2 and zero rewards, whatever packing the
+    # precomputed numbers had.
+    reference_is_policy: bool = False
 
 
 def micro_batches(lengths: list[int], *, max_items: int, max_tokens: int | None) -> list[list[int]]:
@@ -122,7 +126,10 @@ class DataParallelActor:
             w = torch.tensor(mb.weights, dtype=logps.dtype, device=logps.device)
             lens = lens.to(logps.dtype)
             pc, pr = logps[:k], logps[k:]
-            rc, rr = ref_chosen[idx].to(logps.device), ref_rejected[idx].to(logps.device)
+            if loss.reference_is_policy:
+                rc, rr = pc.detach(), pr.detach()
+            else:
+                rc, rr = ref_chosen[idx].to(logps.device, logps.dtype), ref_rejected[idx].to(logps.device, logps.dtype)
             if loss.length_normalize:
                 pc, pr, rc, rr = pc / lens[:k], pr / lens[k:], rc / lens[:k], rr / lens[k:]
             losses = preference_loss(pc, pr, rc, rr, beta=loss.beta, loss_type=loss.loss_type,

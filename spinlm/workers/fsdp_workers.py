@@ -157,13 +157,21 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def build_optimizer(params, actor_cfg) -> torch.optim.Optimizer:
+def parameter_groups(params, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: norm weights and biases (every parameter with fewer than 2 dimensions) are
+    exempt, as in the Hugging Face Trainer (and so TRL). Empty groups are left out."""
     params = [p for p in params if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(params, actor_cfg) -> torch.optim.Optimizer:
+    groups = parameter_groups(params, actor_cfg.weight_decay)
     if actor_cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=actor_cfg.lr, betas=tuple(actor_cfg.betas), eps=actor_cfg.eps,
-                                 weight_decay=actor_cfg.weight_decay)
+        return torch.optim.AdamW(groups, lr=actor_cfg.lr, betas=tuple(actor_cfg.betas), eps=actor_cfg.eps)
     if actor_cfg.optimizer == "rmsprop":  # the SPIN paper's optimizer
-        return torch.optim.RMSprop(params, lr=actor_cfg.lr, eps=actor_cfg.eps, weight_decay=actor_cfg.weight_decay)
+        return torch.optim.RMSprop(groups, lr=actor_cfg.lr, eps=actor_cfg.eps)
     raise ValueError(f"actor.optimizer={actor_cfg.optimizer!r}: expected adamw | rmsprop")
 
 
