@@ -55,47 +55,6 @@ def preference_loss(
     raise ValueError(f"algorithm.loss_type={loss_type!r}: expected one of {LOSS_TYPES}")
 
 
-@dataclass
-class PairStats:
-    """TRL-named statistics of a batch of pairs (all means over pairs)."""
-
-    rewards_chosen: float
-    rewards_rejected: float
-    rewards_accuracies: float
-    rewards_margins: float
-    logps_chosen: float
-    logps_rejected: float
-
-    def as_metrics(self) -> dict[str, float]:
-        return {
-            "rewards/chosen": self.rewards_chosen,
-            "rewards/rejected": self.rewards_rejected,
-            "rewards/accuracies": self.rewards_accuracies,
-            "rewards/margins": self.rewards_margins,
-            "logps/chosen": self.logps_chosen,
-            "logps/rejected": self.logps_rejected,
-        }
-
-
-def implicit_rewards(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> torch.Tensor:
-    return beta * (policy_logps - ref_logps)
-
-
-def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    return (values * mask).sum(dim)
-
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Mean over masked positions; a row with an empty mask gives 0, not NaN."""
-    return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
-
-
-def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor, length_normalize: bool = False) -> torch.Tensor:
-    """Reduce token log-probs [batch, T] to one number per sequence: the SUM over response tokens (the paper's
-    log p(y|x)), or the mean per token when length_normalize is set."""
-    return masked_mean(token_logps, mask) if length_normalize else masked_sum(token_logps, mask)
-
-
 def segment_sum(values: torch.Tensor, segment_ids: torch.Tensor, num_segments: int) -> torch.Tensor:
     """Sum of a flat [T] tensor per segment id (for packed sequences), accumulated and returned in float64 (a
     1000-token sum in fp32 is off by ~1e-6 relative). Positions with id -1 are ignored."""

@@ -84,7 +84,7 @@ def test_packed_logps_equal_a_plain_forward_per_sequence(arch, attn):
     plain = torch.stack(plain)
     plain.sum().backward()
 
-    torch.testing.assert_close(packed, plain.detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(packed, plain.detach().double(), atol=1e-5, rtol=0)
     for name, p in model.named_parameters():
         torch.testing.assert_close(g_packed[name], p.grad, atol=1e-5, rtol=0, msg=name)
 

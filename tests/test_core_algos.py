@@ -12,11 +12,9 @@ from hypothesis import strategies as st
 from spinlm.core_algos import (
     LOSS_TYPES,
     apply_missing_eos_penalty,
-    masked_mean,
     pair_by_reward,
     preference_loss,
     segment_sum,
-    sequence_logps,
 )
 
 BETA = 0.5
@@ -232,16 +230,6 @@ def test_pair_by_reward_properties(samples):
 def test_missing_eos_penalty():
     assert apply_missing_eos_penalty([1.0, 0.5, -2.0], [True, False, False], 1.5) == [1.0, -1.0, -3.5]
     assert apply_missing_eos_penalty([1.0], [False], 0.0) == [1.0]
-
-
-def test_masked_mean_and_sequence_logps():
-    values = torch.tensor([[-1.0, -2.0, -3.0, -4.0], [-5.0, -6.0, -7.0, -8.0]])
-    mask = torch.tensor([[0.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
-    # row 0: mean of -2, -3 = -2.5; row 1: empty mask -> 0, not NaN
-    assert masked_mean(values, mask).tolist() == [-2.5, 0.0]
-    assert sequence_logps(values, mask).tolist() == [-5.0, 0.0]          # sum: -2 + -3
-    assert sequence_logps(values, mask, length_normalize=True).tolist() == [-2.5, 0.0]
-    assert masked_mean(values, mask, dim=0).tolist() == [0.0, -2.0, -3.0, 0.0]
 
 
 def test_segment_sum_ignores_minus_one():

@@ -149,7 +149,7 @@ def test_packed_equals_padded(kind, row_length):
     g_padded = _grads(model)
 
     assert lens.tolist() == [len(r) for r in responses]
-    torch.testing.assert_close(packed, padded, atol=1e-5, rtol=0)
+    torch.testing.assert_close(packed, padded.double(), atol=1e-5, rtol=0)
     assert g_packed.keys() == g_padded.keys() and len(g_packed) == len(list(model.parameters()))
     for name in g_padded:
         torch.testing.assert_close(g_packed[name], g_padded[name], atol=1e-5, rtol=0, msg=name)
@@ -161,7 +161,7 @@ def test_packed_equals_padded_eager_attention():
     prompts, responses = _mixed_lengths()
     packed, _ = packed_response_logps(model, pack_sequences(prompts, responses, "cpu"))
     padded = padded_response_logps(model, prompts, responses, pad_id=0, device="cpu")
-    torch.testing.assert_close(packed, padded, atol=1e-5, rtol=0)
+    torch.testing.assert_close(packed, padded.double(), atol=1e-5, rtol=0)
 
 
 # --- micro-batches --------------------------------------------------------------------------------------------

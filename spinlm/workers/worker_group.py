@@ -146,9 +146,6 @@ class RankActor:
     def call(self, method: str, *args, **kwargs):
         return getattr(self.worker, method)(*args, **kwargs)
 
-    def pid(self) -> int:
-        return os.getpid()
-
 
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
