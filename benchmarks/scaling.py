@@ -22,7 +22,7 @@ from spinlm.config import load_config, resolved
 from spinlm.main_spin import load_items
 from spinlm.tasks.build import build_tiny_task
 from spinlm.workers.dp_actor import LossSettings, Pairs
-from spinlm.workers.fsdp_workers import load_tokenizer
+from spinlm.modeling import load_tokenizer
 from spinlm.workers.worker_group import LocalWorkerGroup, RayWorkerGroup
 
 REPO = Path(__file__).resolve().parents[1]

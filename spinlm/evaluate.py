@@ -5,15 +5,8 @@ import math
 from collections import defaultdict
 
 from spinlm.rewards import score_responses
+from spinlm.modeling import eos_ids_of
 from spinlm.rollout.hf_rollout import SamplingParams, generate
-
-
-def eos_ids_of(tokenizer, model=None) -> set[int]:
-    ids = {tokenizer.eos_token_id}
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if gen_eos is not None:
-        ids |= set(gen_eos) if isinstance(gen_eos, (list, tuple)) else {gen_eos}
-    return {i for i in ids if i is not None}
 
 
 def accuracy_metrics(items, responses: list[list[int]], tokenizer, reward_fn) -> dict[str, float]:

@@ -56,7 +56,7 @@ def evaluate_model_dir(cfg, model_path: Path, val_items_for) -> dict[str, float]
 
     from spinlm.evaluate import evaluate_accuracy, evaluate_pass_at_k
     from spinlm.rewards import get_reward_fn
-    from spinlm.workers.fsdp_workers import autocast_context, load_model, load_tokenizer, master_dtype, pick_device
+    from spinlm.modeling import autocast_context, load_model, load_tokenizer, master_dtype, pick_device
 
     has_tokenizer = (model_path / "tokenizer_config.json").is_file()
     tokenizer_path = str(model_path) if has_tokenizer else cfg.model.tokenizer_path

@@ -22,7 +22,7 @@ from spinlm.rewards import get_reward_fn, score_responses
 from spinlm.spin_trainer import SpinTrainer, TrainerState
 from spinlm.tracking import Tracker
 from spinlm.rewards.reward_model import build_reward
-from spinlm.workers.fsdp_workers import DTYPES, load_tokenizer, master_dtype, pick_device
+from spinlm.modeling import DTYPES, load_tokenizer, master_dtype, pick_device
 from spinlm.workers.worker_group import make_worker_group
 
 

@@ -19,8 +19,8 @@ from transformers import get_cosine_schedule_with_warmup
 
 from spinlm.config import ConfigError
 from spinlm.data.example import DataError
-from spinlm.workers.fsdp_workers import (DTYPES, autocast_context, enable_gradient_checkpointing, load_model,
-                                         load_tokenizer, master_dtype)
+from spinlm.modeling import (DTYPES, autocast_context, enable_gradient_checkpointing, load_model, load_tokenizer,
+                             master_dtype)
 
 if TYPE_CHECKING:
     from spinlm.data.dataset import TokenizedExample

@@ -19,7 +19,7 @@ from spinlm.evaluate import pass_at_k_metrics
 from spinlm.evaluate_command import evaluate_path, find_checkpoints, format_table
 from spinlm.main_spin import load_val_items, run
 from spinlm.rewards import get_reward_fn
-from spinlm.workers.fsdp_workers import load_tokenizer
+from spinlm.modeling import load_tokenizer
 
 
 def smoke(tmp_path: Path, *extra: str):
@@ -100,10 +100,10 @@ def test_lm_eval_custom_local_task_scores_what_spinlm_generates(tiny_task, tmp_p
     """A generate_until task read from a local jsonl (no network): the harness's exact match on the model's own
     greedy continuation (made here with spinlm's engine) is 1, on a wrong target 0."""
     pytest.importorskip("lm_eval")
-    from spinlm.evaluate import eos_ids_of
+    from spinlm.modeling import eos_ids_of
     from spinlm.lm_eval_tasks import run_lm_eval
     from spinlm.rollout.hf_rollout import SamplingParams, generate
-    from spinlm.workers.fsdp_workers import load_model
+    from spinlm.modeling import load_model
 
     path = str(tiny_task / "sft_model")
     model = load_model(path, dtype="float32", attn_implementation="sdpa", device="cpu").eval()

@@ -14,7 +14,7 @@ from spinlm.errors import UserError
 from spinlm.main_spin import load_val_items, run
 from spinlm.rewards import get_reward_fn
 from spinlm.rewards.reward_model import RewardModel, WeightedReward
-from spinlm.workers.fsdp_workers import load_tokenizer
+from spinlm.modeling import load_tokenizer
 
 PROMPTS = [[{"role": "user", "content": "What is 2+3?"}],
            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Noah has 17 coins. He uses 10."}],

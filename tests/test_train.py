@@ -150,7 +150,7 @@ def test_a_sample_equal_to_the_ground_truth_is_never_a_rejected_response(tiny_ta
     from spinlm.rewards import get_reward_fn
     from spinlm.rollout.hf_rollout import Rollout
     from spinlm.spin_trainer import SpinTrainer, TrainerState
-    from spinlm.workers.fsdp_workers import load_tokenizer
+    from spinlm.modeling import load_tokenizer
 
     cfg = resolved(smoke(tmp_path, f"algorithm.drop_identical_pairs={str(drop).lower()}"))
     tok = load_tokenizer(cfg.model.path)

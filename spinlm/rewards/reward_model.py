@@ -21,7 +21,7 @@ class RewardModel:
                  max_length: int = 1024, trust_remote_code: bool = False):
         from transformers import AutoModelForSequenceClassification
 
-        from spinlm.workers.fsdp_workers import load_tokenizer
+        from spinlm.modeling import load_tokenizer
 
         if not Path(path).expanduser().is_dir() and path.startswith((".", "/", "~")):
             raise UserError(f"reward.model_path={path}: no such directory")

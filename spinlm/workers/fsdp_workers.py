@@ -10,8 +10,6 @@ sharded the same way, and refreshed by an in-place copy of the local shards.
 """
 from __future__ import annotations
 
-import importlib.util
-import json
 import math
 import os
 import resource
@@ -26,99 +24,17 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from spinlm.crash_points import crash_point
-from spinlm.evaluate import eos_ids_of
+from spinlm.modeling import (DTYPES, MIXED_PRECISION, autocast_context, disable_dropout,
+                             enable_gradient_checkpointing, eos_ids_of, load_model, load_tokenizer, master_dtype,
+                             pick_device, resolve_attn_implementation)
 from spinlm.rollout.hf_rollout import Rollout, SamplingParams, generate
 from spinlm.workers.dp_actor import DataParallelActor, LossSettings, Pairs
 from spinlm.workers.logprobs import ResponseLogProbs, pack_sequences
 from spinlm.workers.lora import add_adapter, merge_into_base, plain_state_dict
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-MIXED_PRECISION = ("bfloat16", "float16")  # trained with fp32 master weights, computed in this dtype
 OPTIM_DIR = "optimizer"  # torch.distributed.checkpoint folder inside a checkpoint (sharded; reshards on load)
-
-
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(f"cuda:{local_rank}") if name == "cuda" else torch.device(name)
-
-
-# tokenizer_class values that mean "exactly the tokenizer.json next to me", with no model-specific class
-GENERIC_TOKENIZER_CLASSES = {"TokenizersBackend", "PreTrainedTokenizerFast"}
-
-
-def load_tokenizer(path: str, trust_remote_code: bool = False):
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    declared = _declared_tokenizer_class(path)
-    if declared in GENERIC_TOKENIZER_CLASSES and type(tok).__name__ not in GENERIC_TOKENIZER_CLASSES:
-        # transformers 5 swaps a saved generic tokenizer for the model type's own class for some model types
-        # (qwen2: Qwen2Tokenizer, with another pre-tokenizer); the saved tokenizer.json is what the data was made for
-        tok = PreTrainedTokenizerFast.from_pretrained(path)
-    if tok.pad_token_id is None:  # many chat models ship without one; EOS is the usual stand-in
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def _declared_tokenizer_class(path: str) -> str | None:
-    config = Path(path) / "tokenizer_config.json"
-    if not config.is_file():  # a hub id, or a folder without one: nothing declared locally
-        return None
-    return json.loads(config.read_text()).get("tokenizer_class")
-
-
-def resolve_attn_implementation(name: str, device: torch.device) -> str:
-    """`auto`: flash_attention_2 on CUDA when the flash-attn package is installed, else sdpa."""
-    if name != "auto":
-        return name
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
-
-
-def master_dtype(dtype: str) -> str:
-    """The dtype (a DTYPES key) weights are stored and updated in: fp32 under mixed precision (bf16/fp16 is only the
-    compute dtype)."""
-    return "float32" if dtype in MIXED_PRECISION else dtype
-
-
-def load_model(path: str, *, dtype: str, attn_implementation: str, device, trust_remote_code: bool = False):
-    """Weights in `dtype` as given (the caller picks master_dtype() for a model that trains)."""
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
-        attn_implementation=resolve_attn_implementation(attn_implementation, torch.device(device)))
-    return model.to(device)
-
-
-def disable_dropout(model) -> None:
-    """Preference losses compare the policy's log-probs with the opponent's, which are computed without dropout: with
-    dropout on (GPT-2 ships 0.1) the two differ at equal weights and the first step's loss is not log 2. TRL's
-    DPOTrainer turns dropout off by default for the same reason."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-        if isinstance(getattr(m, "attention_dropout", None), float):  # Llama/Qwen/Mistral read a float, not a module
-            m.attention_dropout = 0.0
-
-
-def enable_gradient_checkpointing(model) -> None:
-    """Recompute each decoder layer's activations in backward. Non-reentrant checkpointing: the variant that
-    composes with FSDP2 and with inputs that need no grad. (transformers 5.2x renamed the method.)"""
-    enable = getattr(model, "activation_checkpointing_enable", None)
-    if enable is not None:
-        enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def autocast_context(dtype: str, device: torch.device):
-    """Single-process mixed precision: fp32 master weights, forward matmuls in bf16/fp16 under torch.autocast.
-    (Sharded, FSDP2's MixedPrecisionPolicy casts instead, so this is not used there.)"""
-    if dtype not in MIXED_PRECISION:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
