@@ -85,7 +85,7 @@ def test_evaluate_bad_inputs_name_the_problem(tiny_task, tmp_path):
     with pytest.raises(ConfigError, match="data.val_files=null: spinlm evaluate needs held-out prompts"):
         evaluate_path(model, ["data.val_files=null"])
     cfg = load_config([f"model.path={model}", f"data.val_files={tiny_task / 'val.parquet'}", "eval.n=2",
-                       "eval.pass_k=[1,3]", "eval.lm_eval_include_path=/nonexistent"])
+                       "data.max_prompt_length=96", "data.max_response_length=64", "eval.pass_k=[1,3]", "eval.lm_eval_include_path=/nonexistent"])
     assert check_eval_config(cfg) == [
         "eval.pass_k=[1, 3]: eval.pass_k[1]=3 must be in [1, eval.n=2] (the unbiased estimator needs at least k samples)",
         "eval.lm_eval_include_path=/nonexistent: no such directory (a folder of lm-eval task YAMLs)",
