@@ -42,6 +42,15 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_prepare(args) -> int:
+    if args.dataset == "model":
+        from spinlm.prepare_model import gguf_to_hf
+
+        if not args.gguf:
+            raise UserError("spinlm prepare model needs --gguf FILE (the GGUF file to convert)")
+        print(f"spinlm prepare model: wrote {gguf_to_hf(args.gguf, args.output)}")
+        return 0
+    if not args.input:
+        raise UserError(f"spinlm prepare {args.dataset} needs --input FILE")
     from spinlm.data.prepare import GSM8K_INSTRUCTION, prepare
 
     n = prepare(args.dataset, args.input, args.output, split=args.split, limit=args.limit, data_source=args.data_source,
@@ -111,13 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show Python tracebacks")
     p.set_defaults(func=_cmd_evaluate)
 
-    text = "convert a local GSM8K / UltraChat / chat-messages file into verl-format rows spinlm reads"
+    text = ("convert a local GSM8K / UltraChat / chat-messages file into verl-format rows spinlm reads, or a GGUF "
+            "model file into a Hugging Face model folder")
     p = sub.add_parser("prepare", help=text, description=text)
-    p.add_argument("dataset", choices=["gsm8k", "ultrachat", "messages"],
+    p.add_argument("dataset", choices=["gsm8k", "ultrachat", "messages", "model"],
                    help="gsm8k: question/answer jsonl; ultrachat: messages (first user turn -> first assistant turn, "
-                        "the SPIN paper's recipe); messages: any chat file (last assistant turn is the answer)")
-    p.add_argument("--input", required=True, help="a parquet, jsonl or json file")
-    p.add_argument("--output", required=True, help="the .parquet (or .jsonl) file to write")
+                        "the SPIN paper's recipe); messages: any chat file (last assistant turn is the answer); "
+                        "model: --gguf FILE into the folder --output (needs spinlm[gguf])")
+    p.add_argument("--input", help="a parquet, jsonl or json file (the datasets)")
+    p.add_argument("--gguf", help="model: a .gguf file (dequantised to float32)")
+    p.add_argument("--output", required=True, help="the .parquet (or .jsonl) file to write; model: a new folder")
     p.add_argument("--split", default="train", help="written to extra_info.split (default train)")
     p.add_argument("--limit", type=int, help="convert only the first N rows")
     p.add_argument("--data-source", help="data_source of every row (default: openai/gsm8k, "

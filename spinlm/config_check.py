@@ -31,6 +31,7 @@ MISSING = "???"
 
 ENUMS: dict[str, tuple[str, ...]] = {
     "algorithm.mode": ("spin", "online_dpo"),
+    "algorithm.reference": ("refresh", "initial"),
     "algorithm.loss_type": ("sigmoid", "hinge", "ipo", "exponential", "robust", "sppo_hard", "bco_pair", "sft"),
     "data.format": ("auto", "messages", "verl", "spin", "plain", "preference"),
     "data.truncation": ("error", "left", "right", "drop"),
@@ -335,6 +336,7 @@ RANGES: dict[str, _Bound] = {
     "algorithm.history_rounds": (0, True, None, False, False),
     "algorithm.ref_update_every": (1, True, None, False, False),
     "algorithm.missing_eos_penalty": (0, True, None, False, False),
+    "algorithm.min_reward_margin": (0, True, None, False, False),
     "rollout.n": (1, True, None, False, False),
     "rollout.temperature": (0, False, None, False, False),
     "rollout.top_p": (0, False, 1, True, False),
@@ -432,6 +434,15 @@ def _check_mode(v: _Values) -> list[str]:
     if v.has("algorithm.loss_type", "algorithm.sft_weight") and v["algorithm.loss_type"] == "sft" and v["algorithm.sft_weight"] <= 0:
         problems.append(f"algorithm.sft_weight={v['algorithm.sft_weight']}: algorithm.loss_type=sft trains only the "
                         "SFT term, so it needs algorithm.sft_weight > 0")
+    if v.has("algorithm.sft_on_correct_only", "algorithm.sft_weight") and v["algorithm.sft_on_correct_only"] \
+            and v["algorithm.sft_weight"] == 0:
+        problems.append("algorithm.sft_on_correct_only=true: selects which chosen responses the SFT term trains on, "
+                        "but algorithm.sft_weight=0 turns that term off; set algorithm.sft_weight > 0")
+    if v.has("algorithm.reference", "model.lora.rank") and v["algorithm.reference"] == "initial" \
+            and v["model.lora.rank"] > 0:
+        problems.append(f"algorithm.reference=initial: not supported with LoRA (model.lora.rank="
+                        f"{v['model.lora.rank']}), whose reference is the base model that each round's merge "
+                        "updates; use algorithm.reference=refresh, or full fine-tuning (model.lora.rank=0)")
     return problems
 
 

@@ -73,12 +73,12 @@ class RewardPairs:
     ties_dropped: int
 
 
-def pair_by_reward(prompt_ids: list, scores: list[float], *, min_gap: float = 0.0) -> RewardPairs:
+def pair_by_reward(prompt_ids: list, scores: list[float], *, min_margin: float = 0.0) -> RewardPairs:
     """Online-DPO pairing: for every prompt id, its highest-scored sample is chosen and its lowest rejected.
 
-    Samples are grouped by prompt id, never by position in the batch, so pairs never mix prompts. A prompt whose
-    best and worst scores differ by no more than min_gap (a tie) gives no pair and is counted in ties_dropped;
-    a prompt with a single sample gives no pair either (and is not a tie).
+    Samples are grouped by prompt id, never by position in the batch, so pairs never mix prompts. A prompt gives a
+    pair only when best - worst > 0 and >= min_margin (algorithm.min_reward_margin); otherwise it is a tie, counted
+    in ties_dropped. A prompt with a single sample gives no pair either (and is not a tie).
     """
     if len(prompt_ids) != len(scores):
         raise ValueError(f"pair_by_reward: {len(prompt_ids)} prompt ids but {len(scores)} scores")
@@ -94,7 +94,8 @@ def pair_by_reward(prompt_ids: list, scores: list[float], *, min_gap: float = 0.
             continue
         best = max(idx, key=lambda i: scores[i])  # max/min keep the first on equal scores: deterministic
         worst = min(idx, key=lambda i: scores[i])
-        if scores[best] - scores[worst] <= min_gap:
+        gap = scores[best] - scores[worst]
+        if gap <= 0 or gap < min_margin:
             ties += 1
             continue
         chosen.append(best)

@@ -151,7 +151,8 @@ def train_rounds(cfg, run_dir: Path) -> list[dict]:
         print(f"{run_dir}: all {cfg.trainer.rounds} rounds are done (raise trainer.rounds to continue)")
         return state.table
 
-    workers = make_worker_group(cfg, model_path, keep_opponent=cfg.algorithm.mode == "online_dpo", run_dir=run_dir)
+    keep_opponent = cfg.algorithm.mode == "online_dpo" or cfg.algorithm.reference == "initial"
+    workers = make_worker_group(cfg, model_path, keep_opponent=keep_opponent, run_dir=run_dir)
     try:
         if latest is not None:
             workers.load_optimizer(latest, cfg.trainer.rounds * cfg.algorithm.ref_update_every)

@@ -1,6 +1,8 @@
 """The shooting schedule: SPIN rounds, read top to bottom. Holds no weights; the worker does the heavy lifting.
 
-    round t:  opponent := policy                       (the checkpoint the round starts from)
+    round t:  opponent := policy                       (the checkpoint the round starts from; with
+                                                        algorithm.reference=initial the loss's reference stays the
+                                                        start model, while the policy still generates)
               generate : the opponent answers the round's prompts
               judge    : spin       -> chosen = ground truth, rejected = own sample
                          online_dpo -> n samples scored by the reward; best vs worst, ties dropped
@@ -128,10 +130,11 @@ class SpinTrainer:
         self.tracker.log(rollout_metrics, round=t + 1, step=self.state.global_step, kind="rollout")
 
         pairs = self.with_history(t, judged.pairs)
-        self.policy_is_opponent = True
+        initial = cfg.algorithm.reference == "initial"  # then the reference is the resident frozen start model
+        self.policy_is_opponent = not initial or t == 0  # the initial reference is the policy until round 1 trains
         with self.timer("ref_logps"):  # the opponent IS the policy now: its log-probs become numbers, one model stays
-            ref_chosen = self.workers.sequence_logps(pairs.prompts, pairs.chosen)
-            ref_rejected = self.workers.sequence_logps(pairs.prompts, pairs.rejected)
+            ref_chosen = self.workers.sequence_logps(pairs.prompts, pairs.chosen, opponent=initial)
+            ref_rejected = self.workers.sequence_logps(pairs.prompts, pairs.rejected, opponent=initial)
         batch = cfg.trainer.train_batch_size
         steps_per_epoch = math.ceil(len(pairs) / batch)
         self.workers.start_schedule(steps_per_epoch * cfg.trainer.epochs_per_round)
@@ -145,7 +148,8 @@ class SpinTrainer:
                     last = self.train_step(t, pairs.select(idx), ref_chosen[idx], ref_rejected[idx])
                     bar.update(1)
             bar.close()
-        self.workers.refresh_opponent()  # keeps no copy in full fine-tuning; with LoRA, merges the adapter
+        if not initial:
+            self.workers.refresh_opponent()  # keeps no copy in full fine-tuning; with LoRA, merges the adapter
         return {**rollout_metrics, **last}
 
     def judge_against_ground_truth(self, items, rollout) -> tuple[RoundPairs, dict]:
@@ -173,7 +177,8 @@ class SpinTrainer:
             self.workers.start_schedule(cfg.trainer.rounds * steps)
         all_pairs: list[RoundPairs] = []
         last: dict = {}
-        self.policy_is_opponent = True  # refreshed at the end of the last round (or the start model)
+        # refreshed at the end of the last round; the initial reference only until the first update
+        self.policy_is_opponent = cfg.algorithm.reference == "refresh" or self.state.global_step == 0
         for _ in tqdm(range(steps), desc=f"round {t + 1} steps", leave=False):
             items = self.step_items(self.state.global_step)
             rollout = self.rollout(items, self.sampling(n=cfg.rollout.n), self.seed_for(t, self.state.global_step),
@@ -192,7 +197,8 @@ class SpinTrainer:
                 ref_rejected = self.workers.sequence_logps(pairs.prompts, pairs.rejected, opponent=True)
             with self.timer("update"):
                 last = {**rollout_metrics, **self.train_step(t, pairs, ref_chosen, ref_rejected)}
-        self.workers.refresh_opponent()  # the improved policy becomes the next opponent
+        if cfg.algorithm.reference == "refresh":
+            self.workers.refresh_opponent()  # the improved policy becomes the next opponent
         self.write_pairs(t, RoundPairs(
             Pairs(*[sum((getattr(j.pairs, f) for j in all_pairs), []) for f in ("prompts", "chosen", "rejected")]),
             sum((j.origins for j in all_pairs), []), sum((j.chosen_scores for j in all_pairs), []),
@@ -206,10 +212,12 @@ class SpinTrainer:
         raw = self.score(flat_items, samples, required=True)
         scores = apply_missing_eos_penalty(raw, ended, self.cfg.algorithm.missing_eos_penalty)
         prompt_of = [i for i in range(len(items)) for _ in range(n)]  # pairing groups by prompt, never by position
-        chosen = pair_by_reward(prompt_of, scores)
+        chosen = pair_by_reward(prompt_of, scores, min_margin=self.cfg.algorithm.min_reward_margin)
+        # the SFT term only on a chosen answer the reward marks correct (raw reward > 0, before the EOS penalty)
+        sft_mask = [float(raw[i] > 0) for i in chosen.chosen] if self.cfg.algorithm.sft_on_correct_only else None
         judged = RoundPairs(
             Pairs([items[p].prompt_ids for p in chosen.prompt_ids], [samples[i] for i in chosen.chosen],
-                  [samples[i] for i in chosen.rejected]),
+                  [samples[i] for i in chosen.rejected], sft_mask=sft_mask),
             [items[p].example.origin for p in chosen.prompt_ids],
             [scores[i] for i in chosen.chosen], [scores[i] for i in chosen.rejected])
         metrics = {**_rollout_stats(samples, ended, raw), "rollout/ties_dropped": float(chosen.ties_dropped),

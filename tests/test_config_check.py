@@ -195,6 +195,18 @@ def test_sft_loss_needs_an_sft_weight(files):
     assert problems_for(files, "algorithm.loss_type=sft", "algorithm.sft_weight=1") == []
 
 
+def test_verifiable_reward_options(files):
+    assert problems_for(files, "algorithm.sft_on_correct_only=true") == [
+        "algorithm.sft_on_correct_only=true: selects which chosen responses the SFT term trains on, but "
+        "algorithm.sft_weight=0 turns that term off; set algorithm.sft_weight > 0"]
+    assert problems_for(files, "algorithm.reference=initial", "model.lora.rank=4") == [
+        "algorithm.reference=initial: not supported with LoRA (model.lora.rank=4), whose reference is the base model "
+        "that each round's merge updates; use algorithm.reference=refresh, or full fine-tuning (model.lora.rank=0)"]
+    assert problems_for(files, "algorithm.mode=online_dpo", "rollout.n=8", "algorithm.min_reward_margin=1",
+                        "algorithm.sft_on_correct_only=true", "algorithm.sft_weight=1",
+                        "algorithm.reference=initial") == []
+
+
 # ------------------------------------------------------------------------------------------------ ranges
 
 @pytest.mark.parametrize("key, bad, rule, good", [
@@ -204,6 +216,7 @@ def test_sft_loss_needs_an_sft_weight(files):
     ("algorithm.sft_weight", "-1", ">= 0", "0"),
     ("algorithm.history_rounds", "-1", ">= 0", "0"),
     ("algorithm.ref_update_every", "0", ">= 1", "1"),
+    ("algorithm.min_reward_margin", "-0.5", ">= 0", "1"),
     ("rollout.temperature", "0", "> 0", "0.01"),
     ("rollout.top_p", "0", "in (0, 1]", "1.0"),
     ("rollout.top_p", "1.5", "in (0, 1]", "0.9"),

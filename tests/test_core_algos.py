@@ -195,10 +195,15 @@ def test_pair_by_reward_ties_and_singletons():
     assert (empty.chosen, empty.rejected, empty.ties_dropped) == ([], [], 0)
 
 
-def test_pair_by_reward_min_gap():
-    # gaps 1.0 and 0.25 against min_gap 0.25: a gap equal to min_gap is a tie
-    pairs = pair_by_reward([0, 0, 1, 1], [0.0, 1.0, 0.0, 0.25], min_gap=0.25)
-    assert (pairs.chosen, pairs.rejected, pairs.ties_dropped) == ([1], [0], 1)
+def test_pair_by_reward_min_margin():
+    # best - worst per prompt: 1.0, 0.25, 0.9 (a correct answer with the missing-EOS penalty 0.1), 0.0
+    ids, scores = [0, 0, 1, 1, 2, 2, 3, 3], [0.0, 1.0, 0.0, 0.25, 0.0, 0.9, 1.0, 1.0]
+    pairs = pair_by_reward(ids, scores, min_margin=0.25)  # a gap equal to the margin pairs
+    assert (pairs.chosen, pairs.rejected, pairs.ties_dropped) == ([1, 3, 5], [0, 2, 4], 1)
+    pairs = pair_by_reward(ids, scores, min_margin=1.0)  # correct vs incorrect only
+    assert (pairs.chosen, pairs.rejected, pairs.prompt_ids, pairs.ties_dropped) == ([1], [0], [0], 3)
+    pairs = pair_by_reward(ids, scores)  # margin 0: only exact ties are dropped
+    assert (pairs.chosen, pairs.ties_dropped) == ([1, 3, 5], 1)
 
 
 def test_pair_by_reward_length_mismatch():

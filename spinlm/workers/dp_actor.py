@@ -17,13 +17,15 @@ class Pairs:
     """Token-level preference pairs: chosen and rejected responses to the same prompt.
 
     `weights` is 1 for a real pair and 0 for a padding copy (data parallel ranks must run the same number of
-    forwards, so a short rank is padded); None means all real.
+    forwards, so a short rank is padded); None means all real. `sft_mask` is 1 where the SFT term (sft_weight)
+    trains on the chosen response and 0 where it does not (algorithm.sft_on_correct_only); None means everywhere.
     """
 
     prompts: list[list[int]]
     chosen: list[list[int]]
     rejected: list[list[int]]
     weights: list[float] | None = None
+    sft_mask: list[float] | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -31,10 +33,13 @@ class Pairs:
     def weight_list(self) -> list[float]:
         return self.weights if self.weights is not None else [1.0] * len(self)
 
+    def sft_mask_list(self) -> list[float]:
+        return self.sft_mask if self.sft_mask is not None else [1.0] * len(self)
+
     def select(self, idx: list[int]) -> "Pairs":
-        w = self.weight_list()
+        w, m = self.weight_list(), self.sft_mask_list()
         return Pairs([self.prompts[i] for i in idx], [self.chosen[i] for i in idx], [self.rejected[i] for i in idx],
-                     [w[i] for i in idx])
+                     [w[i] for i in idx], [m[i] for i in idx])
 
 
 @dataclass
@@ -116,7 +121,7 @@ class DataParallelActor:
         loss_denominator = loss_denominator or len(pairs)
         self.module.train()
         optimizer.zero_grad(set_to_none=True)
-        sums = dict.fromkeys(["loss", "pc", "pr", "rc", "rr", "acc", "sft_nll"], 0.0)
+        sums = dict.fromkeys(["loss", "pc", "pr", "rc", "rr", "acc", "sft_nll", "sft_share"], 0.0)
         tokens = 0
         lengths = [len(p) * 2 + len(c) + len(r) for p, c, r in zip(pairs.prompts, pairs.chosen, pairs.rejected)]
         for idx in micro_batches(lengths, max_items=self.micro_batch_size, max_tokens=self.max_tokens):
@@ -124,6 +129,7 @@ class DataParallelActor:
             logps, lens = self._logps(self.module, mb.prompts + mb.prompts, mb.chosen + mb.rejected)
             k = len(idx)
             w = torch.tensor(mb.weights, dtype=logps.dtype, device=logps.device)
+            sft_w = w * torch.tensor(mb.sft_mask, dtype=logps.dtype, device=logps.device)
             lens = lens.to(logps.dtype)
             pc, pr = logps[:k], logps[k:]
             if loss.reference_is_policy:
@@ -135,7 +141,7 @@ class DataParallelActor:
             losses = preference_loss(pc, pr, rc, rr, beta=loss.beta, loss_type=loss.loss_type,
                                      label_smoothing=loss.label_smoothing, dpop_lambda=loss.dpop_lambda)
             sft_nll = -logps[:k] / lens[:k]  # mean NLL per token of the chosen response
-            total = (w * losses).sum() + loss.sft_weight * (w * sft_nll).sum()
+            total = (w * losses).sum() + loss.sft_weight * (sft_w * sft_nll).sum()
             (total / loss_denominator).backward()
             with torch.no_grad():
                 sums["loss"] += total.item()
@@ -145,6 +151,7 @@ class DataParallelActor:
                 sums["rr"] += (w * rr).sum().item()
                 sums["acc"] += (w * ((pc - rc) > (pr - rr)).float()).sum().item()
                 sums["sft_nll"] += (w * sft_nll).sum().item()
+                sums["sft_share"] += sft_w.sum().item()
             tokens += int(lens.sum().item()) + 2 * sum(len(p) for p in mb.prompts)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), grad_clip)
         if isinstance(grad_norm, DTensor):  # FSDP2: the norm over all shards
@@ -166,6 +173,7 @@ class DataParallelActor:
             "logps/ref_chosen": sums["rc"] / n,
             "logps/ref_rejected": sums["rr"] / n,
             "train/sft_nll": sums["sft_nll"] / n,
+            "train/sft_share": sums["sft_share"] / n,  # share of pairs whose chosen the SFT term trained on
             "train/grad_norm": float(grad_norm),
             "train/step_skipped": 0.0 if finite else 1.0,
             "train/tokens": float(tokens),

@@ -6,7 +6,8 @@ decoder layer, then on the root (a ResponseLogProbs wrapper, so the lm-head and 
 root's own forward). The opponent is resident only when it must be: in mode spin the opponent IS the policy at the
 start of the round, so its log-probs are computed before the first update and kept as numbers (one model in
 memory). In online_dpo the opponent lags the policy by up to `ref_update_every` steps, so a frozen copy is kept,
-sharded the same way, and refreshed by an in-place copy of the local shards.
+sharded the same way, and refreshed by an in-place copy of the local shards. With algorithm.reference=initial
+(either mode) the frozen copy is the start model (model.path) and is never refreshed.
 """
 from __future__ import annotations
 
@@ -126,8 +127,10 @@ class PolicyWorker:
         self.peft = add_adapter(self.model, cfg, seed=cfg.trainer.seed) if cfg.model.lora.rank > 0 else None
         if self.peft is not None and cfg.model.gradient_checkpointing:  # frozen embeddings: checkpointed blocks need
             self.model.enable_input_require_grads()                     # an input that requires grad
-        # With LoRA the opponent is the base model with the adapter off: no second copy
-        self.opponent = self._load(model_path, frozen=True) if keep_opponent and self.peft is None else None
+        # With LoRA the opponent is the base model with the adapter off: no second copy. algorithm.reference=initial
+        # keeps it at model.path, also when the policy resumes from a checkpoint.
+        opponent_path = cfg.model.path if cfg.algorithm.reference == "initial" else model_path
+        self.opponent = self._load(opponent_path, frozen=True) if keep_opponent and self.peft is None else None
         self.eos_ids = eos_ids_of(self.tokenizer, self.model)
         self.actor = DataParallelActor(
             self.policy, micro_batch_size=cfg.actor.micro_batch_size,

@@ -19,7 +19,7 @@ from spinlm.rollout.hf_rollout import Rollout
 from spinlm.workers.dp_actor import LossSettings, Pairs
 
 MEAN_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-                "logps/rejected", "logps/ref_chosen", "logps/ref_rejected", "train/sft_nll")
+                "logps/rejected", "logps/ref_chosen", "logps/ref_rejected", "train/sft_nll", "train/sft_share")
 
 
 def world_size_of(cfg) -> int:
