@@ -85,7 +85,7 @@ def test_sft_mask_selects_the_chosen_responses_the_nll_trains_on(tiny_task, tmp_
 
 @pytest.mark.parametrize("mode", ["spin", "online_dpo"])
 def test_reference_initial_keeps_the_start_model_as_reference(tiny_task, tmp_path, mode):
-    extra = (["algorithm.mode=online_dpo", "rollout.n=4", "rollout.temperature=1.5"] if mode == "online_dpo"
+    extra = (["algorithm.mode=online_dpo", "rollout.n=8", "rollout.temperature=1.5"] if mode == "online_dpo"
              else ["trainer.train_batch_size=64"])  # spin: one step per round over all its pairs (and round 1's)
     cfg = smoke(tmp_path, "algorithm.reference=initial", "data.val_files=null", "actor.lr=1e-3", *extra)
     run(cfg)
