@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -86,6 +87,8 @@ def _fmt(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):  # as YAML spells them
+        return ".nan" if math.isnan(value) else (".inf" if value > 0 else "-.inf")
     if isinstance(value, str):
         return value if value else "''"
     if isinstance(value, (list, tuple)):
@@ -101,6 +104,14 @@ def _num(x: float) -> str:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _non_finite(value: Any) -> bool:
+    """NaN or an infinity, alone or in a list: YAML's .nan / .inf parse as floats, and every range rule
+    compares false with NaN, so they are refused before any rule sees them."""
+    if isinstance(value, list):
+        return any(_non_finite(v) for v in value)
+    return isinstance(value, float) and not math.isfinite(value)
 
 
 def _matches(value: Any, kind: str) -> bool:
@@ -243,6 +254,9 @@ def _read_tree(cfg: DictConfig) -> tuple[list[str], dict[str, Any]]:
             expected = " or ".join(_TYPE_WORDS[k] for k in kinds)
             shown = f" (the default is {_fmt(default)})" if default not in (None, MISSING) else ""
             problems.append(f"{key}={_fmt(value)}: expected {expected}{shown}")
+            continue
+        if _non_finite(value):
+            problems.append(f"{key}={_fmt(value)}: must be a finite number (NaN and infinities are not allowed)")
             continue
         values[key] = value
     return problems, values

@@ -34,7 +34,7 @@ from spinlm.workers.dp_actor import LossSettings, Pairs
 
 
 class NonFiniteError(UserError):
-    """Too many consecutive steps with a non-finite loss or gradient norm."""
+    """Too many consecutive steps with a non-finite loss or gradient, or parameters made non-finite by a step."""
 
 
 class CollapseError(UserError):
@@ -225,6 +225,12 @@ class SpinTrainer:
             self.counts["chosen_drift"] += metrics["logps/chosen"] - metrics["logps/ref_chosen"]
             self.counts["margins"] += metrics["rewards/margins"]
         self.state.global_step += 1
+        if metrics.pop("train/params_non_finite") > 0:
+            raise NonFiniteError(
+                f"round {t + 1}, step {self.state.global_step}: the parameters are not finite after the optimizer step "
+                f"(loss={metrics['loss']}, grad_norm={metrics['train/grad_norm']}, lr={metrics.get('train/lr')}). "
+                f"Stopped without saving; the last complete checkpoint is kept in {self.run_dir / 'checkpoints'}. "
+                "Try a lower actor.lr or model.dtype=float32")
         skipped = metrics.pop("train/step_skipped") > 0
         self.state.skipped_steps += skipped
         self.bad_in_a_row = self.bad_in_a_row + 1 if skipped else 0
