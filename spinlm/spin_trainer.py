@@ -93,6 +93,9 @@ class SpinTrainer:
             self.check_collapse(t)  # before the round's checkpoint: a collapsed round is never saved
             val = self.evaluate() if self.val_items else {}
             self.state.next_round = t + 1
+            # the round's row goes in before the checkpoint that carries the table, so a resumed run has it too
+            row = {"round": t + 1, **_row(val, train_metrics), "time_s": time.perf_counter() - round_start}
+            self.state.table.append(row)
             with self.timer("save"):
                 self.save(t)
             summary = {**val, **{f"time/{k}": v for k, v in self.timings.items()},
@@ -101,7 +104,7 @@ class SpinTrainer:
                        "perf/rollout_tokens_per_s": self.counts["rollout_tokens"] / max(self.timings.get("generate", 0), 1e-9),
                        "perf/update_tokens_per_s": self.counts["update_tokens"] / max(self.timings.get("update", 0), 1e-9)}
             self.tracker.log(summary, round=t + 1, step=self.state.global_step, kind="val")
-            self.state.table.append({"round": t + 1, **_row(val, train_metrics), "time_s": summary["time/round"]})
+            row["time_s"] = summary["time/round"]  # with the save; the checkpoint's copy has the time before it
             self.save_table()
         print_table(self.state.table)
         return self.state.table

@@ -111,3 +111,20 @@ def test_config_check_runs_from_another_directory(paths, tmp_path):
                             cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert not (Path(tmp_path) / "outputs").exists()
+
+
+def test_every_readme_training_example_names_its_own_output_dir():
+    """Run after ./run_spin.sh, an example without its own trainer.output_dir would silently resume the demo in
+    outputs/tiny ("all 3 rounds are done") instead of doing what it says."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    text = readme.replace("\\\n", " ")  # shell continuation lines are one command
+    commands = re.findall(r"(?:\./run_spin\.sh|spinlm train) +[\w.]+=[^\n`#]*|\btrain\(\[[^\n]*", text)
+    assert len(commands) >= 6, commands
+    dirs = []
+    for command in commands:
+        found = re.findall(r"trainer\.output_dir=([^\s\"',\]]+)", command)
+        assert len(found) == 1, f"README example without its own trainer.output_dir: {command}"
+        dirs += found
+    assert "outputs/tiny" not in dirs and len(dirs) == len(set(dirs)), dirs

@@ -75,3 +75,15 @@ def test_kill_and_resume_equals_uninterrupted(uninterrupted, tmp_path, mode, kil
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert train_steps(run_dir) == train_steps(reference)  # every step once: none skipped, none repeated
     assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+
+
+def test_the_round_table_survives_resume(tiny_task, tmp_path):
+    """Each checkpoint carries the table including its own round: resuming a finished 2-round run to 3 rounds
+    gives start, 1, 2, 3 once each (before, the saved table lacked the checkpoint's round: start, 1, 3)."""
+    base = ["preset=smoke", "data.val_max_samples=8", f"trainer.output_dir={tmp_path / 'run'}"]
+    first = run(load_config(base))
+    assert [r["round"] for r in first] == ["start", 1, 2]
+    resumed = run(load_config([*base, "trainer.rounds=3"]))
+    assert [r["round"] for r in resumed] == ["start", 1, 2, 3]
+    assert [r["round"] for r in json.loads((tmp_path / "run" / "rounds.json").read_text())] == ["start", 1, 2, 3]
+    assert [r["val_acc"] for r in resumed[:3]] == [r["val_acc"] for r in first]
