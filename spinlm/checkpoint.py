@@ -14,6 +14,7 @@ import torch
 
 from spinlm.crash_points import crash_point
 from spinlm.errors import UserError
+from spinlm.run_dir import write_text_atomic
 
 STATE_FILE = "trainer_state.pt"
 
@@ -34,15 +35,6 @@ def _fsync_tree(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(run_dir: Path, name: str, save_model, state: dict, keep_last: int | None = None) -> Path:
     """save_model(folder) writes the model files; `state` is the trainer state (tensors and plain Python only)."""
     root = Path(run_dir) / "checkpoints"
@@ -59,7 +51,7 @@ def save_checkpoint(run_dir: Path, name: str, save_model, state: dict, keep_last
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _write_atomic(root / "latest", name + "\n")
+    write_text_atomic(root / "latest", name + "\n")
     if keep_last:
         _prune(root, keep_last, keep=name)
     return final

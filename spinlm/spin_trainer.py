@@ -30,6 +30,7 @@ from spinlm.errors import UserError
 from spinlm.evaluate import accuracy_metrics, pass_at_k_metrics
 from spinlm.rewards.reward_model import WeightedReward
 from spinlm.rollout.hf_rollout import SamplingParams
+from spinlm.run_dir import write_text_atomic
 from spinlm.workers.dp_actor import LossSettings, Pairs
 
 
@@ -369,7 +370,7 @@ class SpinTrainer:
 
     def save_table(self) -> None:
         """The round table also lives in a small JSON in the run directory, for people and tools."""
-        (self.run_dir / "rounds.json").write_text(json.dumps(self.state.table, indent=1))
+        write_text_atomic(self.run_dir / "rounds.json", json.dumps(self.state.table, indent=1))
 
 
 def read_pairs(run_dir: Path, t: int) -> Pairs:
