@@ -23,7 +23,7 @@ from spinlm.rewards import get_reward_fn, score_responses
 from spinlm.spin_trainer import SpinTrainer, TrainerState
 from spinlm.tracking import Tracker
 from spinlm.rewards.reward_model import build_reward
-from spinlm.workers.fsdp_workers import DTYPES, load_tokenizer, master_dtype, pick_device
+from spinlm.workers.fsdp_workers import DTYPES, OPTIM_DIR, load_tokenizer, master_dtype, pick_device
 from spinlm.workers.worker_group import make_worker_group
 
 
@@ -132,6 +132,12 @@ def _train_rounds(cfg, run_dir: Path) -> list[dict]:
     if cfg.trainer.resume == "disable" and (run_dir / "checkpoints").exists():
         raise RunError(f"trainer.output_dir={run_dir} already holds checkpoints and trainer.resume=disable: "
                        "pick a new trainer.output_dir, or set trainer.resume=auto to continue that run")
+    if latest is not None and cfg.algorithm.mode == "online_dpo" and not (latest / OPTIM_DIR).is_dir():
+        # online_dpo runs one optimizer and schedule over the whole run: without its state, resuming would
+        # silently restart both
+        raise RunError(f"{latest / OPTIM_DIR}: missing, and algorithm.mode=online_dpo resumes the optimizer and its "
+                       "learning-rate schedule from it. Restore that folder, point checkpoints/latest at an earlier "
+                       "checkpoint that has one, or pick a new trainer.output_dir")
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     seed_everything(cfg.trainer.seed)
