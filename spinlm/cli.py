@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
               else f"spinlm {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except Terminated:
-        print(f"spinlm {args.command}: terminated (SIGTERM); the last complete checkpoint is kept", file=sys.stderr)
+        kept = "; the last complete checkpoint is kept" if args.command == "train" else ""
+        print(f"spinlm {args.command}: terminated (SIGTERM){kept}", file=sys.stderr)
         return 143
     except KeyboardInterrupt:
         print(f"spinlm {args.command}: interrupted", file=sys.stderr)
