@@ -14,6 +14,7 @@ import torch
 
 from spinlm.crash_points import crash_point
 from spinlm.errors import UserError
+from spinlm.run_dir import write_text_atomic
 
 STATE_FILE = "trainer_state.pt"
 
@@ -34,15 +35,6 @@ def _fsync_tree(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(run_dir: Path, name: str, save_model, state: dict, keep_last: int | None = None) -> Path:
     """save_model(folder) writes the model files; `state` is the trainer state (tensors and plain Python only)."""
     root = Path(run_dir) / "checkpoints"
@@ -51,15 +43,20 @@ def save_checkpoint(run_dir: Path, name: str, save_model, state: dict, keep_last
     if tmp.exists():  # left by a run killed while saving: never complete, safe to discard
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_model(tmp)
-    crash_point("checkpoint_write")
-    torch.save(state, tmp / STATE_FILE)
-    _fsync_tree(tmp)
+    try:
+        save_model(tmp)
+        crash_point("checkpoint_write")
+        torch.save(state, tmp / STATE_FILE)
+        _fsync_tree(tmp)
+    except BaseException:  # an error, Ctrl-C or SIGTERM mid-save: no half checkpoint is left behind
+        # best effort (under Ray a rank may still be writing into it); the next save removes any rest
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     final = root / name
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _write_atomic(root / "latest", name + "\n")
+    write_text_atomic(root / "latest", name + "\n")
     if keep_last:
         _prune(root, keep_last, keep=name)
     return final
@@ -77,7 +74,14 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     latest = Path(run_dir) / "checkpoints" / "latest"
     if not latest.exists():
         return None
-    path = latest.parent / latest.read_text().strip()
+    name = latest.read_text().strip()
+    path = latest.parent / name
+    # a folder of this run's checkpoints, by its plain name: never a path that leads elsewhere (../, /, a link)
+    if not name or name in (".", "..") or "/" in name or os.sep in name \
+            or path.resolve().parent != latest.parent.resolve():
+        raise CheckpointError(f"{latest} names {name!r}, which is not a checkpoint folder inside {latest.parent}: "
+                              "trainer.resume=auto only continues from this run's own checkpoints; write the name of "
+                              "one of them into it (e.g. 2), or pick a new trainer.output_dir")
     if not (path / STATE_FILE).exists():
         raise CheckpointError(f"{latest} names {path.name}, which is incomplete or missing ({STATE_FILE} not found): "
                               "trainer.resume=auto cannot continue this run; write the name of a complete checkpoint "

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 # OpenMP threads that spin while waiting make torch 5-10x slower whenever the cores are shared with anything else
@@ -11,7 +12,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from spinlm.config import ConfigError, load_config, to_yaml
 from spinlm.data.example import DataError
-from spinlm.errors import UserError
+from spinlm.errors import Terminated, UserError
 
 
 def _cmd_train(args) -> int:
@@ -162,8 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _on_sigterm(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)  # stop as Ctrl-C does, not with -15 and no word
     try:
         return args.func(args)
     except (ConfigError, DataError, UserError) as exc:
@@ -172,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spinlm {args.command}: error:\n{exc}" if isinstance(exc, ConfigError)
               else f"spinlm {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        kept = "; the last complete checkpoint is kept" if args.command == "train" else ""
+        print(f"spinlm {args.command}: terminated (SIGTERM){kept}", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"spinlm {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -14,6 +14,7 @@ import difflib
 import importlib.util
 import json
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -60,6 +61,7 @@ TYPE_OVERRIDES: dict[str, tuple[str, ...]] = {
     "algorithm.beta": ("float", "list[float]"),
     "algorithm.length_normalize": ("null", "bool"),
     "reward.custom_path": ("null", "str"),
+    "reward.timeout_s": ("null", "float"),
     "reward.model_path": ("null", "str"),
     "ray.address": ("null", "str"),
     "actor.max_tokens_per_micro_batch": ("null", "int"),
@@ -92,6 +94,8 @@ def _fmt(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):  # as YAML spells them
+        return ".nan" if math.isnan(value) else (".inf" if value > 0 else "-.inf")
     if isinstance(value, str):
         return value if value else "''"
     if isinstance(value, (list, tuple)):
@@ -107,6 +111,14 @@ def _num(x: float) -> str:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _non_finite(value: Any) -> bool:
+    """NaN or an infinity, alone or in a list: YAML's .nan / .inf parse as floats, and every range rule
+    compares false with NaN, so they are refused before any rule sees them."""
+    if isinstance(value, list):
+        return any(_non_finite(v) for v in value)
+    return isinstance(value, float) and not math.isfinite(value)
 
 
 def _matches(value: Any, kind: str) -> bool:
@@ -250,6 +262,9 @@ def _read_tree(cfg: DictConfig) -> tuple[list[str], dict[str, Any]]:
             shown = f" (the default is {_fmt(default)})" if default not in (None, MISSING) else ""
             problems.append(f"{key}={_fmt(value)}: expected {expected}{shown}")
             continue
+        if _non_finite(value):
+            problems.append(f"{key}={_fmt(value)}: must be a finite number (NaN and infinities are not allowed)")
+            continue
         values[key] = value
     return problems, values
 
@@ -343,6 +358,7 @@ RANGES: dict[str, _Bound] = {
     "rollout.top_k": (0, True, None, False, False),
     "rollout.batch_size": (1, True, None, False, False),
     "rollout.gpu_memory_utilization": (0, False, 1, True, False),
+    "reward.timeout_s": (0, False, None, False, True),
     "actor.lr": (0, False, None, False, False),
     "actor.weight_decay": (0, True, None, False, False),
     "actor.eps": (0, False, None, False, False),

@@ -4,18 +4,22 @@ of every round of a run.
 PATH is a run directory (each complete checkpoints/<t> is evaluated, one row per round), a checkpoint inside one,
 or any Hugging Face model folder. Inside a run the run's own config.yaml is the base (its val files, lengths and
 reward), so the greedy accuracy is the trainer's val/acc; elsewhere the packaged defaults are, and data.val_files
-must be given.
+must be given. What would run someone else's code (trust_remote_code, reward.custom_path) comes from the command
+line only, never from the run's files.
 """
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from spinlm.checkpoint import STATE_FILE
-from spinlm.config import ConfigError, load_config, load_run_config, resolved
+from spinlm.config import ConfigError, default_config, load_config, load_run_config, resolved
 from spinlm.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def find_checkpoints(path: Path) -> tuple[Path | None, list[tuple[str, Path]]]:
@@ -36,10 +40,31 @@ def find_checkpoints(path: Path) -> tuple[Path | None, list[tuple[str, Path]]]:
     return (config if in_run else None), [(path.name, path)]
 
 
+# What runs someone's code: taken from the command line only, never from a run directory's files (a run directory
+# someone sent you would otherwise run their code with no flag typed).
+TRUST_KEYS = ("model.trust_remote_code", "reward.model_trust_remote_code", "reward.custom_path", "reward.custom_name")
+
+
+def _trust_from_command_line(cfg, run_config: Path, overrides: list[str]) -> None:
+    """Reset TRUST_KEYS that the command line does not set to the packaged defaults; say which the run used."""
+    typed = {o.split("=", 1)[0] for o in overrides}
+    defaults = default_config()
+    for key in TRUST_KEYS:
+        if key in typed:
+            continue
+        default, used = OmegaConf.select(defaults, key), OmegaConf.select(cfg, key)
+        if used != default and key != "reward.custom_name":
+            log.warning("%s: the run used %s=%s; spinlm evaluate takes it from the command line only, so it is not "
+                        "used here (pass %s=... to use it)", run_config, key, used, key)
+        OmegaConf.update(cfg, key, default)
+
+
 def eval_config(run_config: Path | None, overrides: list[str], model_path: Path):
     from spinlm.config_check import check_eval_config
 
     cfg = load_run_config(run_config, overrides) if run_config else load_config(overrides)
+    if run_config:
+        _trust_from_command_line(cfg, run_config, list(overrides))
     OmegaConf.update(cfg, "model.path", str(model_path))
     problems = check_eval_config(cfg)
     if problems:

@@ -18,11 +18,13 @@ from spinlm.errors import UserError
 from spinlm.data.dataset import tokenize_examples
 from spinlm.data.formats import load_examples
 from spinlm.report import write_report
+from spinlm.run_dir import run_lock, write_text_atomic
 from spinlm.rewards import get_reward_fn, score_responses
 from spinlm.spin_trainer import SpinTrainer, TrainerState
 from spinlm.tracking import Tracker
 from spinlm.rewards.reward_model import build_reward
 from spinlm.modeling import DTYPES, load_tokenizer, master_dtype, pick_device
+from spinlm.workers.fsdp_workers import OPTIM_DIR
 from spinlm.workers.worker_group import make_worker_group
 
 
@@ -70,9 +72,7 @@ def drop_unfinished_metrics(run_dir: Path, done_rounds: int) -> None:
             continue
         if done_rounds > 0 and row["round"] <= done_rounds:
             keep.append(line)
-    tmp = path.with_name(".metrics.jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    tmp.replace(path)
+    write_text_atomic(path, "".join(line + "\n" for line in keep))
 
 
 def preflight_reward(reward_fn, items) -> None:
@@ -123,10 +123,22 @@ def report_or_warning(run_dir: Path, cfg) -> Path | None:
 
 
 def train_rounds(cfg, run_dir: Path) -> list[dict]:
+    """The rounds, holding the run directory's lock from before its first read to the end."""
+    with run_lock(run_dir):
+        return _train_rounds(cfg, run_dir)
+
+
+def _train_rounds(cfg, run_dir: Path) -> list[dict]:
     latest = latest_checkpoint(run_dir) if cfg.trainer.resume == "auto" and run_dir.exists() else None
     if cfg.trainer.resume == "disable" and (run_dir / "checkpoints").exists():
         raise RunError(f"trainer.output_dir={run_dir} already holds checkpoints and trainer.resume=disable: "
                        "pick a new trainer.output_dir, or set trainer.resume=auto to continue that run")
+    if latest is not None and cfg.algorithm.mode == "online_dpo" and not (latest / OPTIM_DIR).is_dir():
+        # online_dpo runs one optimizer and schedule over the whole run: without its state, resuming would
+        # silently restart both
+        raise RunError(f"{latest / OPTIM_DIR}: missing, and algorithm.mode=online_dpo resumes the optimizer and its "
+                       "learning-rate schedule from it. Restore that folder, point checkpoints/latest at an earlier "
+                       "checkpoint that has one, or pick a new trainer.output_dir")
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     seed_everything(cfg.trainer.seed)
@@ -156,8 +168,8 @@ def train_rounds(cfg, run_dir: Path) -> list[dict]:
     try:
         if latest is not None:
             workers.load_optimizer(latest, cfg.trainer.rounds * cfg.algorithm.ref_update_every)
-        run_dir.mkdir(parents=True, exist_ok=True)  # only now that every input has loaded: a bad input writes nothing
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        # only now that every input has loaded: a bad input writes nothing
+        write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
         drop_unfinished_metrics(run_dir, state.next_round)
         tracker = Tracker(run_dir, list(cfg.trainer.logger), cfg.trainer.log_every,
                           config=OmegaConf.to_container(cfg))

@@ -33,11 +33,12 @@ from spinlm.errors import UserError
 from spinlm.evaluate import accuracy_metrics, pass_at_k_metrics
 from spinlm.rewards.reward_model import WeightedReward
 from spinlm.rollout.hf_rollout import SamplingParams
+from spinlm.run_dir import write_text_atomic
 from spinlm.workers.dp_actor import LossSettings, Pairs
 
 
 class NonFiniteError(UserError):
-    """Too many consecutive steps with a non-finite loss or gradient norm."""
+    """Too many consecutive steps with a non-finite loss or gradient, or parameters made non-finite by a step."""
 
 
 class CollapseError(UserError):
@@ -99,6 +100,9 @@ class SpinTrainer:
             self.check_collapse(t)  # before the round's checkpoint: a collapsed round is never saved
             val = self.evaluate() if self.val_items else {}
             self.state.next_round = t + 1
+            # the round's row goes in before the checkpoint that carries the table, so a resumed run has it too
+            row = {"round": t + 1, **_row(val, train_metrics), "time_s": time.perf_counter() - round_start}
+            self.state.table.append(row)
             with self.timer("save"):
                 self.save(t)
             summary = {**val, **{f"time/{k}": v for k, v in self.timings.items()},
@@ -107,7 +111,7 @@ class SpinTrainer:
                        "perf/rollout_tokens_per_s": self.counts["rollout_tokens"] / max(self.timings.get("generate", 0), 1e-9),
                        "perf/update_tokens_per_s": self.counts["update_tokens"] / max(self.timings.get("update", 0), 1e-9)}
             self.tracker.log(summary, round=t + 1, step=self.state.global_step, kind="val")
-            self.state.table.append({"round": t + 1, **_row(val, train_metrics), "time_s": summary["time/round"]})
+            row["time_s"] = summary["time/round"]  # with the save; the checkpoint's copy has the time before it
             self.save_table()
         print_table(self.state.table)
         return self.state.table
@@ -241,6 +245,12 @@ class SpinTrainer:
             self.counts["chosen_drift"] += metrics["logps/chosen"] - metrics["logps/ref_chosen"]
             self.counts["margins"] += metrics["rewards/margins"]
         self.state.global_step += 1
+        if metrics.pop("train/params_non_finite") > 0:
+            raise NonFiniteError(
+                f"round {t + 1}, step {self.state.global_step}: the parameters are not finite after the optimizer step "
+                f"(loss={metrics['loss']}, grad_norm={metrics['train/grad_norm']}, lr={metrics.get('train/lr')}). "
+                f"Stopped without saving; the last complete checkpoint is kept in {self.run_dir / 'checkpoints'}. "
+                "Try a lower actor.lr or model.dtype=float32")
         skipped = metrics.pop("train/step_skipped") > 0
         self.policy_is_opponent = self.policy_is_opponent and skipped
         self.state.skipped_steps += skipped
@@ -380,7 +390,7 @@ class SpinTrainer:
 
     def save_table(self) -> None:
         """The round table also lives in a small JSON in the run directory, for people and tools."""
-        (self.run_dir / "rounds.json").write_text(json.dumps(self.state.table, indent=1))
+        write_text_atomic(self.run_dir / "rounds.json", json.dumps(self.state.table, indent=1))
 
 
 def read_pairs(run_dir: Path, t: int) -> Pairs:

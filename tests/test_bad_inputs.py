@@ -59,10 +59,33 @@ def _dangling_latest(work: Path, run_dir: Path, tiny: Path) -> None:
     (run_dir / "checkpoints" / "latest").write_text("3\n")
 
 
+def _complete_checkpoint(folder: Path) -> None:
+    """As much of a checkpoint as the resume checks read before loading anything: its trainer state."""
+    import torch
+
+    folder.mkdir(parents=True)
+    torch.save({"next_round": 1, "global_step": 2, "skipped_steps": 0, "table": []}, folder / "trainer_state.pt")
+
+
+def _latest_outside(work: Path, run_dir: Path, tiny: Path) -> None:
+    """checkpoints/latest leads out of the run directory, to a complete checkpoint of some other run."""
+    _complete_checkpoint(work / "elsewhere" / "3")
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / "latest").write_text("../../work/elsewhere/3\n")
+
+
+def _checkpoint_without_optimizer(work: Path, run_dir: Path, tiny: Path) -> None:
+    """An online_dpo checkpoint whose optimizer folder was lost (deleted, or not copied along)."""
+    _complete_checkpoint(run_dir / "checkpoints" / "1")
+    (run_dir / "checkpoints" / "latest").write_text("1\n")
+
+
 MAKERS: dict[str, Callable[[Path, Path, Path], None]] = {
     "unreadable_copy": _unreadable_copy,
     "model_without_chat_template": _model_without_chat_template,
     "dangling_latest": _dangling_latest,
+    "latest_outside": _latest_outside,
+    "checkpoint_without_optimizer": _checkpoint_without_optimizer,
 }
 
 

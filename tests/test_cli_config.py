@@ -139,3 +139,20 @@ def test_bundled_task_is_built_only_when_the_preset_reads_it(tmp_path, monkeypat
     ensure_bundled_task(load_config(["preset=smoke", "model.path=m", "data.train_files=t.parquet", "data.val_files=null"]))
     ensure_bundled_task(load_config(["model.path=m", "data.train_files=t.parquet"]))  # no preset
     assert not (tmp_path / "task").exists()
+
+
+def test_every_readme_training_example_names_its_own_output_dir():
+    """Run after ./run_spin.sh, an example without its own trainer.output_dir would silently resume the demo in
+    outputs/tiny ("all 3 rounds are done") instead of doing what it says."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    text = readme.replace("\\\n", " ")  # shell continuation lines are one command
+    commands = re.findall(r"(?:\./run_spin\.sh|spinlm train) +[\w.]+=[^\n`#]*|\btrain\(\[[^\n]*", text)
+    assert len(commands) >= 6, commands
+    dirs = []
+    for command in commands:
+        found = re.findall(r"trainer\.output_dir=([^\s\"',\]]+)", command)
+        assert len(found) == 1, f"README example without its own trainer.output_dir: {command}"
+        dirs += found
+    assert "outputs/tiny" not in dirs and len(dirs) == len(set(dirs)), dirs

@@ -417,3 +417,37 @@ def test_keys_the_mode_ignores_are_named():
     assert ignored_key_warnings(load_config(["preset=smoke", "algorithm.mode=online_dpo", "rollout.n=4",
                                              "algorithm.history_rounds=2"])) == [
         "algorithm.history_rounds=2 is ignored in algorithm.mode=online_dpo (only spin reads it)"]
+
+
+# ------------------------------------------------------------------------------------------------ non-finite numbers
+
+def _float_keys() -> list[str]:
+    """Every key that takes a number (its default is a float, or its type override says so)."""
+    from spinlm.config import default_config
+    from spinlm.config_check import _flatten, _kinds_of_default
+
+    leaves = _flatten(OmegaConf.to_container(default_config(), resolve=False))
+    return [k for k, d in leaves.items() if {"float", "list[float]"} & set(_kinds_of_default(k, d))]
+
+
+def test_every_float_key_is_enumerated():
+    keys = _float_keys()
+    assert {"actor.lr", "actor.grad_clip", "trainer.collapse_threshold", "algorithm.beta", "eval.temperature"} <= set(keys)
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+@pytest.mark.parametrize("key", _float_keys())
+def test_every_float_key_rejects_nan_and_infinities(files, key, value):
+    """A range rule compares false with NaN, so before this rule actor.grad_clip=.nan passed every check."""
+    from spinlm.config import default_config
+    from spinlm.config_check import _kinds_of_default
+
+    if "float" not in _kinds_of_default(key, OmegaConf.select(default_config(), key)):
+        value = f"[{value}]"  # a key that takes only a list of numbers (actor.betas)
+    expected = f"{key}={value}: must be a finite number (NaN and infinities are not allowed)"
+    assert expected in problems_for(files, f"{key}={value}")
+
+
+def test_a_non_finite_entry_of_a_beta_list_is_rejected(files):
+    assert problems_for(files, "trainer.rounds=2", "algorithm.beta=[0.1,.nan]") == [
+        "algorithm.beta=[0.1, .nan]: must be a finite number (NaN and infinities are not allowed)"]

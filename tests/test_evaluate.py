@@ -136,3 +136,50 @@ metric_list:
 """)
     metrics = run_lm_eval(model, tok, ["tiny_gen"], include_path=str(tmp_path), batch_size=2)
     assert metrics == {"lm_eval/tiny_gen/exact_match": 0.5}
+
+
+def _sent_run_dir(tiny_task, tmp_path) -> tuple[Path, Path]:
+    """A run directory as someone might send it: a real checkpoint, and a config.yaml asking for remote code and
+    a custom reward whose import leaves a marker file (so the test sees whether it ran)."""
+    import shutil
+
+    import torch
+
+    from spinlm.config import resolved, to_yaml
+
+    marker = tmp_path / "their_code_ran"
+    reward = tmp_path / "their_reward.py"
+    reward.write_text(f"open({str(marker)!r}, 'w').close()\n"
+                      "def their_score(data_source, solution_str, ground_truth, extra_info=None):\n    return 1.0\n")
+    run_dir = tmp_path / "sent"
+    shutil.copytree(tiny_task / "sft_model", run_dir / "checkpoints" / "1")
+    torch.save({"next_round": 1}, run_dir / "checkpoints" / "1" / "trainer_state.pt")
+    cfg = smoke(tmp_path, f"reward.custom_path={reward}", "reward.custom_name=their_score",
+                "model.trust_remote_code=true", "data.val_max_samples=4")
+    (run_dir / "config.yaml").write_text(to_yaml(resolved(cfg)))
+    return run_dir, marker
+
+
+def test_evaluate_a_run_dir_never_takes_code_trust_from_its_files(tiny_task, tmp_path):
+    run_dir, marker = _sent_run_dir(tiny_task, tmp_path)
+    result = subprocess.run([sys.executable, "-m", "spinlm.cli", "evaluate", str(run_dir)], capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "SPINLM_TINY_DIR": str(tiny_task)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not marker.exists()  # before: check_eval_config imported the run's reward file, running its top level
+    config = run_dir / "config.yaml"
+    for key, value in (("model.trust_remote_code", "True"), ("reward.custom_path", str(tmp_path / "their_reward.py"))):
+        assert (f"{config}: the run used {key}={value}; spinlm evaluate takes it from the command line only, so it "
+                f"is not used here (pass {key}=... to use it)") in result.stderr
+    assert "val/acc" in result.stdout
+
+
+def test_evaluate_takes_code_trust_from_the_command_line(tiny_task, tmp_path):
+    from spinlm.evaluate_command import eval_config
+
+    run_dir, marker = _sent_run_dir(tiny_task, tmp_path)
+    reward = tmp_path / "their_reward.py"
+    cfg = eval_config(run_dir / "config.yaml", [f"reward.custom_path={reward}", "reward.custom_name=their_score"],
+                      run_dir / "checkpoints" / "1")
+    assert (cfg.reward.custom_path, cfg.reward.custom_name, cfg.model.trust_remote_code) == (
+        str(reward), "their_score", False)
+    assert marker.exists()  # typed by the person running it: imported (by the reward check)

@@ -75,3 +75,34 @@ def test_kill_and_resume_equals_uninterrupted(uninterrupted, tmp_path, mode, kil
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert train_steps(run_dir) == train_steps(reference)  # every step once: none skipped, none repeated
     assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+
+
+def test_the_round_table_survives_resume(tiny_task, tmp_path):
+    """Each checkpoint carries the table including its own round: resuming a finished 2-round run to 3 rounds
+    gives start, 1, 2, 3 once each (before, the saved table lacked the checkpoint's round: start, 1, 3)."""
+    base = ["preset=smoke", "data.val_max_samples=8", f"trainer.output_dir={tmp_path / 'run'}"]
+    first = run(load_config(base))
+    assert [r["round"] for r in first] == ["start", 1, 2]
+    resumed = run(load_config([*base, "trainer.rounds=3"]))
+    assert [r["round"] for r in resumed] == ["start", 1, 2, 3]
+    assert [r["round"] for r in json.loads((tmp_path / "run" / "rounds.json").read_text())] == ["start", 1, 2, 3]
+    assert [r["val_acc"] for r in resumed[:3]] == [r["val_acc"] for r in first]
+
+
+@pytest.mark.parametrize("point", ["generate:1", "checkpoint_write:1"])
+def test_sigterm_stops_cleanly_like_ctrl_c(tiny_task, tmp_path, point):
+    """SIGTERM (a scheduler's stop) mid-rollout and mid-checkpoint: a message and exit 143 (before: -15 and no
+    word), the trackers closed, the lock released and no half-written checkpoint folder left."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "SPINLM_TINY_DIR": str(tiny_task), "SPINLM_KILL_AT": point, "SPINLM_KILL_SIGNAL": "SIGTERM"}
+    result = subprocess.run([sys.executable, "-m", "spinlm.cli", "train", *SMOKE, "trainer.rounds=1",
+                             f"trainer.output_dir={run_dir}"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 143, result.stderr[-2000:]
+    assert "spinlm train: terminated (SIGTERM); the last complete checkpoint is kept" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (run_dir / ".lock").exists()
+    assert not list(run_dir.glob("checkpoints/.tmp-*"))
+    assert not (run_dir / "checkpoints" / "latest").exists()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]  # whole lines only
+    assert rows and all(r["round"] == 1 for r in rows)

@@ -157,3 +157,32 @@ def test_check_reward_names_unknown_data_sources():
     assert check_reward(CFG, ["gsm8k", "math"]) == []
     (problem,) = check_reward(CFG, ["gsm8k", "trivia"])
     assert problem.startswith("data_source 'trivia': no built-in reward")
+
+
+def test_a_reward_past_its_deadline_stops_naming_the_row(tmp_path):
+    """A pure-Python loop that also swallows ordinary exceptions: the deadline still ends it (before: a hang)."""
+    import time
+
+    cfg = {**custom(tmp_path, "def compute_score(data_source, solution_str, ground_truth, extra_info=None):\n"
+                              "    if solution_str == 'fast':\n        return 1.0\n"
+                              "    while True:\n        try:\n            pass\n        except Exception:\n"
+                              "            pass\n"), "timeout_s": 0.3}
+    fn = get_reward_fn(cfg)
+    start = time.perf_counter()
+    with pytest.raises(RewardError, match=r"^t\.parquet:7: reward function compute_score did not return within "
+                                          r"reward\.timeout_s=0\.3 s"):
+        score_samples(fn, [("x", "fast", "1", {}, "t.parquet:6"), ("x", "slow", "1", {}, "t.parquet:7")])
+    assert time.perf_counter() - start < 5
+    assert score_samples(fn, [("x", "fast", "1", {}, "t.parquet:0")]) == [1.0]  # the alarm was disarmed
+    time.sleep(0.4)  # no stray alarm goes off later
+    assert pickle.loads(pickle.dumps(get_reward_fn({**CFG, "timeout_s": 5.0})))(
+        data_source="gsm8k", solution_str="#### 2", ground_truth="2") == 1.0
+
+
+def test_a_reward_that_calls_sys_exit_stops_naming_the_row(tmp_path):
+    fn = get_reward_fn(custom(tmp_path, "import sys\n"
+                                        "def compute_score(data_source, solution_str, ground_truth, extra_info=None):\n"
+                                        "    sys.exit(0)\n"))
+    with pytest.raises(RewardError, match=r"^t\.parquet:3: reward function compute_score called sys\.exit\(0\); "
+                                          r"a reward must return a number$"):
+        score_samples(fn, [("x", "y", "1", {}, "t.parquet:3")])

@@ -145,6 +145,40 @@ def test_non_finite_steps_stop_the_run_and_keep_the_last_checkpoint(tiny_task, t
     assert bad["train/skipped_steps"] == 1
 
 
+def test_a_nan_grad_clip_skips_the_step_instead_of_writing_nan_weights(tiny_task, tmp_path):
+    """The norm clip_grad_norm_ returns is the one before clipping: with max_norm=NaN it is finite, while the
+    clipped gradients are all NaN. The guard looks at the gradients after clipping."""
+    cfg = resolved(smoke(tmp_path))
+    worker = PolicyWorker(cfg, cfg.model.path, keep_opponent=False)
+    items, _ = load_items(cfg, worker.tokenizer, cfg.data.train_files, need_response=True)
+    items = items[:4]
+    prompts, chosen = [it.prompt_ids for it in items], [it.response_ids for it in items]
+    rejected = [it.response_ids[:-2] + [worker.tokenizer.eos_token_id] for it in items]
+    worker.start_schedule(4)
+    ref_c, ref_r = worker.sequence_logps(prompts, chosen), worker.sequence_logps(prompts, rejected)
+    before = {k: v.clone() for k, v in worker.policy.state_dict().items()}
+    metrics = worker.actor.preference_step(Pairs(prompts, chosen, rejected), ref_c, ref_r, LossSettings(beta=0.1),
+                                           worker.optimizer, grad_clip=float("nan"))
+    assert metrics["train/step_skipped"] == 1.0 and metrics["train/params_non_finite"] == 0.0
+    assert all(torch.equal(before[k], v) for k, v in worker.policy.state_dict().items())
+
+
+@pytest.mark.parametrize("override, match", [
+    # the config check refuses both; train_rounds runs without it, as a value that slipped past would
+    ("actor.grad_clip", r"round 1, step 1: 1 steps in a row had a non-finite loss or gradient norm"),
+    ("actor.lr", r"round 1, step \d+: the parameters are not finite after the optimizer step .* Stopped without saving"),
+], ids=["grad_clip_nan", "lr_inf"])
+def test_a_non_finite_setting_never_saves_a_checkpoint(tiny_task, tmp_path, override, match):
+    from spinlm.main_spin import train_rounds
+    from spinlm.spin_trainer import NonFiniteError
+
+    cfg = resolved(smoke(tmp_path, "trainer.rounds=1", "trainer.max_bad_steps=0", "actor.warmup_ratio=0",
+                         f"{override}=.nan" if override == "actor.grad_clip" else f"{override}=.inf"))
+    with pytest.raises(NonFiniteError, match=match):
+        train_rounds(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints" / "latest").exists()
+
+
 @pytest.mark.parametrize("drop", [True, False])
 def test_a_sample_equal_to_the_ground_truth_is_never_a_rejected_response(tiny_task, tmp_path, drop):
     from spinlm.rewards import get_reward_fn

@@ -12,7 +12,9 @@ import importlib.util
 import math
 import numbers
 import os
+import signal
 import sys
+import threading
 from typing import Any, Callable, Iterable, Mapping
 
 from spinlm.errors import UserError
@@ -25,6 +27,29 @@ class RewardError(UserError):
 
 
 RewardFn = Callable[..., Any]
+
+
+class RewardTimeout(BaseException):
+    """A reward call ran past reward.timeout_s. A BaseException, so that a reward's own `except Exception` cannot
+    swallow its deadline; score_samples turns it into a RewardError naming the row."""
+
+
+def _call_with_deadline(fn: RewardFn, timeout_s: float, **kwargs) -> Any:
+    """fn(**kwargs), interrupted by SIGALRM after timeout_s seconds. Signals reach the main thread only: called
+    from another thread (not the case in spinlm's driver) the call has no deadline."""
+    if threading.current_thread() is not threading.main_thread():
+        return fn(**kwargs)
+
+    def expire(signum, frame):
+        raise RewardTimeout
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, timeout_s)
+    try:
+        return fn(**kwargs)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 GSM8K_SOURCES = ("openai/gsm8k", "gsm8k", "tiny_arith")
 MATH_SOURCES = ("lighteval/MATH", "DigitalLearningGmbH/MATH-lighteval", "math", "math_dapo")
@@ -76,16 +101,24 @@ def _load_custom(path: str, name: str) -> RewardFn:
 
 
 def get_reward_fn(reward_cfg: Mapping | Any) -> RewardFn:
-    """The reward function a run uses, from the ``reward:`` config section."""
+    """The reward function a run uses, from the ``reward:`` config section, each call limited to
+    reward.timeout_s seconds."""
     custom_path = _cfg_get(reward_cfg, "custom_path")
     if custom_path:
-        return _load_custom(str(custom_path), str(_cfg_get(reward_cfg, "custom_name", "compute_score")))
-    method = _cfg_get(reward_cfg, "gsm8k_method", "strict")
-    if method not in GSM8K_METHODS:
-        raise RewardError(f"reward.gsm8k_method={method!r}: expected {' | '.join(GSM8K_METHODS)}")
-    fn = functools.partial(_builtin, gsm8k_method=method)
-    fn.__name__ = "builtin_reward"  # type: ignore[attr-defined]  # for error messages
-    return fn
+        fn = _load_custom(str(custom_path), str(_cfg_get(reward_cfg, "custom_name", "compute_score")))
+    else:
+        method = _cfg_get(reward_cfg, "gsm8k_method", "strict")
+        if method not in GSM8K_METHODS:
+            raise RewardError(f"reward.gsm8k_method={method!r}: expected {' | '.join(GSM8K_METHODS)}")
+        fn = functools.partial(_builtin, gsm8k_method=method)
+        fn.__name__ = "builtin_reward"  # type: ignore[attr-defined]  # for error messages
+    timeout_s = _cfg_get(reward_cfg, "timeout_s")
+    if not timeout_s:
+        return fn
+    limited = functools.partial(_call_with_deadline, fn, float(timeout_s))
+    limited.__name__ = getattr(fn, "__name__", type(fn).__name__)  # type: ignore[attr-defined]
+    limited.timeout_s = float(timeout_s)  # type: ignore[attr-defined]  # for the message
+    return limited
 
 
 def check_reward(reward_cfg: Mapping | Any, data_sources: Iterable[str] | None = None) -> list[str]:
@@ -128,6 +161,13 @@ def score_samples(fn: RewardFn, items: list[tuple[str, str, str | None, dict, st
         try:
             value = fn(data_source=data_source, solution_str=solution_str, ground_truth=ground_truth,
                        extra_info=extra_info)
+        except RewardTimeout:
+            raise RewardError(f"{origin}: reward function {name} did not return within reward.timeout_s="
+                              f"{getattr(fn, 'timeout_s', '?')} s (stopped; raise reward.timeout_s if it is just "
+                              "slow)") from None
+        except SystemExit as exc:  # sys.exit() in a scorer would end the run with its code and no word
+            raise RewardError(f"{origin}: reward function {name} called sys.exit({exc.code!r}); a reward must return "
+                              "a number") from exc
         except Exception as exc:  # any failure of the (possibly user-written) scorer stops the run, named
             raise RewardError(f"{origin}: reward function {name} raised {type(exc).__name__}: {exc}") from exc
         score = _as_score(value)

@@ -70,6 +70,18 @@ def micro_batches(lengths: list[int], *, max_items: int, max_tokens: int | None)
     return out
 
 
+def _full(norm: torch.Tensor) -> torch.Tensor:
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm  # FSDP2: the norm over all shards
+
+
+def _total_norm(tensors) -> float:
+    """The 2-norm of all the tensors together (over every shard under FSDP2): finite iff every entry is."""
+    tensors = list(tensors)
+    if not tensors:
+        return 0.0
+    return float(_full(torch.nn.utils.get_total_norm(tensors)))
+
+
 class DataParallelActor:
     """Computes response log-probs and applies preference updates on one rank.
 
@@ -153,12 +165,16 @@ class DataParallelActor:
                 sums["sft_nll"] += (w * sft_nll).sum().item()
                 sums["sft_share"] += sft_w.sum().item()
             tokens += int(lens.sum().item()) + 2 * sum(len(p) for p in mb.prompts)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), grad_clip)
-        if isinstance(grad_norm, DTensor):  # FSDP2: the norm over all shards
-            grad_norm = grad_norm.full_tensor()
-        finite = math.isfinite(sums["loss"]) and bool(torch.isfinite(grad_norm))
+        grad_norm = _full(torch.nn.utils.clip_grad_norm_(self.module.parameters(), grad_clip))
+        # the norm above is taken BEFORE clipping; clipping itself can make finite gradients NaN (a NaN grad_clip)
+        clipped = _total_norm(p.grad for p in self.module.parameters() if p.grad is not None)
+        finite = math.isfinite(sums["loss"]) and bool(torch.isfinite(grad_norm)) and math.isfinite(clipped)
+        params_finite = True
         if finite:
             optimizer.step()
+            # finite gradients can still give non-finite weights (an infinite learning rate, an overflow in the
+            # optimizer's state): such a step cannot be undone, so it is reported and the run stops unsaved
+            params_finite = math.isfinite(_total_norm(p.detach() for p in self.module.parameters()))
         optimizer.zero_grad(set_to_none=True)
         n = max(sum(pairs.weight_list()), 1.0)
         b = loss.beta
@@ -176,6 +192,7 @@ class DataParallelActor:
             "train/sft_share": sums["sft_share"] / n,  # share of pairs whose chosen the SFT term trained on
             "train/grad_norm": float(grad_norm),
             "train/step_skipped": 0.0 if finite else 1.0,
+            "train/params_non_finite": 0.0 if params_finite else 1.0,
             "train/tokens": float(tokens),
             "train/pairs": float(sum(pairs.weight_list())),
         }

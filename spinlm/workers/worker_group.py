@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import socket
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -163,6 +165,9 @@ class RayWorkerGroup(LocalWorkerGroup):
         self.ray = ray
         self.world_size = world_size_of(cfg)
         self.started_ray = False
+        # ray.init replaces the driver's SIGTERM handler with its own (exit 1, stack dumps): keep the caller's, which
+        # for the CLI unwinds like Ctrl-C so that shutdown() below runs
+        sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
         if not ray.is_initialized():
             if cfg.ray.address:
                 ray.init(address=cfg.ray.address, log_to_driver=True)
@@ -171,6 +176,8 @@ class RayWorkerGroup(LocalWorkerGroup):
                 ray.init(num_cpus=max(os.cpu_count() or 1, self.world_size), _temp_dir=self._temp_dir(run_dir),
                          include_dashboard=False, log_to_driver=True)
             self.started_ray = True
+        if callable(sigterm):
+            signal.signal(signal.SIGTERM, sigterm)
         try:
             self._check_resources(cfg)
             use_gpu = cfg.trainer.n_gpus_per_node > 0
