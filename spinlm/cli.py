@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -138,8 +139,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _print_library_notes() -> None:
+    """The library logs what it decided for the user (e.g. verl keys translated); the command shows it on stderr,
+    so that `spinlm config show` stays pure YAML on stdout."""
+    logger = logging.getLogger("spinlm")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("spinlm: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _print_library_notes()
     try:
         return args.func(args)
     except (ConfigError, DataError, UserError) as exc:
