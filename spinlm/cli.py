@@ -139,20 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _print_library_notes() -> None:
-    """The library logs what it decided for the user (e.g. verl keys translated); the command shows it on stderr,
-    so that `spinlm config show` stays pure YAML on stdout."""
-    logger = logging.getLogger("spinlm")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("spinlm: %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _print_library_notes()
+    # the library logs what it decided for the user (e.g. verl keys translated): shown on stderr, so that
+    # `spinlm config show` stays pure YAML on stdout
+    notes = logging.StreamHandler(sys.stderr)
+    notes.setFormatter(logging.Formatter("spinlm: %(message)s"))
+    logger = logging.getLogger("spinlm")
+    logger.addHandler(notes)
+    logger.setLevel(logging.INFO)
     try:
         return args.func(args)
     except (ConfigError, DataError, UserError) as exc:
@@ -164,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"spinlm {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        logger.removeHandler(notes)
 
 
 if __name__ == "__main__":

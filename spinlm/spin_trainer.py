@@ -41,6 +41,10 @@ class CollapseError(UserError):
     """The collapse warning, with trainer.stop_on_collapse=true."""
 
 
+class NoPairsError(UserError):
+    """online_dpo: a whole round in which every prompt tied, so nothing could be learned."""
+
+
 @dataclass
 class RoundPairs:
     """A round's judged pairs plus what is needed to write them out."""
@@ -168,6 +172,8 @@ class SpinTrainer:
             self.workers.start_schedule(cfg.trainer.rounds * steps)
         all_pairs: list[RoundPairs] = []
         last: dict = {}
+        prompts = ties = 0
+        rewards: list[float] = []
         for _ in tqdm(range(steps), desc=f"round {t + 1} steps", leave=False):
             items = self.step_items(self.state.global_step)
             rollout = self.rollout(items, self.sampling(n=cfg.rollout.n), self.seed_for(t, self.state.global_step),
@@ -175,10 +181,17 @@ class SpinTrainer:
             with self.timer("judge"):
                 judged, rollout_metrics = self.judge_by_reward(items, rollout)
             all_pairs.append(judged)
+            prompts += len(items)
+            ties += int(rollout_metrics["rollout/ties_dropped"])
+            rewards.append(rollout_metrics.get("rollout/reward_mean", 0.0))
             self.tracker.log(rollout_metrics, round=t + 1, step=self.state.global_step + 1, kind="rollout")
             if len(judged.pairs) == 0:  # every prompt tied: no signal this step, but the step still counts
                 self.state.global_step += 1
                 self.workers.skip_step()
+                tqdm.write(f"WARNING: round {t + 1}, step {self.state.global_step}: no pair formed: all {len(items)} "
+                           f"prompts tied (their {cfg.rollout.n} samples scored the same, mean reward "
+                           f"{rollout_metrics.get('rollout/reward_mean', 0.0):.3f}); the step trains nothing",
+                           file=sys.stderr)
                 continue
             pairs = judged.pairs
             with self.timer("ref_logps"):
@@ -186,12 +199,27 @@ class SpinTrainer:
                 ref_rejected = self.workers.sequence_logps(pairs.prompts, pairs.rejected, opponent=True)
             with self.timer("update"):
                 last = {**rollout_metrics, **self.train_step(t, pairs, ref_chosen, ref_rejected)}
+        self.tracker.log({"rollout/round_tie_share": ties / max(prompts, 1)}, round=t + 1,
+                         step=self.state.global_step, kind="rollout")
+        if not any(len(j.pairs) for j in all_pairs):
+            raise NoPairsError(self.no_pairs_message(t, prompts, sum(rewards) / max(len(rewards), 1)))
         self.workers.refresh_opponent()  # the improved policy becomes the next opponent
         self.write_pairs(t, RoundPairs(
             Pairs(*[sum((getattr(j.pairs, f) for j in all_pairs), []) for f in ("prompts", "chosen", "rejected")]),
             sum((j.origins for j in all_pairs), []), sum((j.chosen_scores for j in all_pairs), []),
             sum((j.rejected_scores for j in all_pairs), [])))
         return last
+
+    def no_pairs_message(self, t: int, prompts: int, mean_reward: float) -> str:
+        r = self.cfg.rollout
+        return (f"round {t + 1}: no pair was formed in any of its {self.cfg.algorithm.ref_update_every} steps: for all "
+                f"{prompts} prompts the {r.n} samples scored the same (mean reward {mean_reward:.3f}), so online DPO "
+                f"cannot learn. Likely causes: a reward that never separates the samples (e.g. the strict GSM8K "
+                f"answer format '#### <number>', which a model not trained on it never writes), too few samples per "
+                f"prompt (rollout.n={r.n}), or a temperature too low to vary them (rollout.temperature={r.temperature})."
+                f" Knobs: reward.gsm8k_method=flexible (the last number counts), reward.format_score=0.1 (a score for "
+                f"a well-formed but wrong answer), a larger rollout.n, a higher rollout.temperature. Stopped; the last "
+                f"complete checkpoint is kept in {self.run_dir / 'checkpoints'}")
 
     def judge_by_reward(self, items, rollout) -> tuple[RoundPairs, dict]:
         n = self.cfg.rollout.n
@@ -207,7 +235,7 @@ class SpinTrainer:
             [items[p].example.origin for p in chosen.prompt_ids],
             [scores[i] for i in chosen.chosen], [scores[i] for i in chosen.rejected])
         metrics = {**_rollout_stats(samples, ended, raw), "rollout/ties_dropped": float(chosen.ties_dropped),
-                   "rollout/pairs": float(len(chosen.chosen))}
+                   "rollout/tie_share": chosen.ties_dropped / max(len(items), 1), "rollout/pairs": float(len(chosen.chosen))}
         return judged, metrics
 
     # ---- shared pieces --------------------------------------------------------------------------------------------------
