@@ -28,6 +28,7 @@ from spinlm.checkpoint import save_checkpoint
 from spinlm.core_algos import apply_missing_eos_penalty, pair_by_reward
 from spinlm.errors import UserError
 from spinlm.evaluate import accuracy_metrics, pass_at_k_metrics
+from spinlm.model_card import write_model_card
 from spinlm.rewards.reward_model import WeightedReward
 from spinlm.rollout.hf_rollout import SamplingParams
 from spinlm.workers.dp_actor import LossSettings, Pairs
@@ -98,7 +99,7 @@ class SpinTrainer:
             val = self.evaluate() if self.val_items else {}
             self.state.next_round = t + 1
             with self.timer("save"):
-                self.save(t)
+                self.save(t, val)
             summary = {**val, **{f"time/{k}": v for k, v in self.timings.items()},
                        "time/round": time.perf_counter() - round_start,
                        "perf/peak_memory_gb": self.workers.peak_memory_bytes() / 2**30,
@@ -379,10 +380,16 @@ class SpinTrainer:
         pq.write_table(table, tmp)
         tmp.replace(out / "pairs.parquet")
 
-    def save(self, t: int) -> None:
+    def save(self, t: int, val: dict) -> None:
         state = {"next_round": self.state.next_round, "global_step": self.state.global_step,
                  "skipped_steps": self.state.skipped_steps, "table": self.state.table}
-        save_model = functools.partial(self.workers.save, with_optimizer=self.mode == "online_dpo")
+        start = next(({"val/acc": r["val_acc"]} for r in self.state.table
+                      if r["round"] == "start" and r["val_acc"] is not None), None)
+
+        def save_model(folder: Path) -> None:  # the HF folder, with its model card
+            self.workers.save(folder, with_optimizer=self.mode == "online_dpo")
+            write_model_card(folder, self.cfg, t + 1, val, start)
+
         save_checkpoint(self.run_dir, str(t + 1), save_model, state,
                         keep_last=self.cfg.trainer.keep_last_checkpoints)
 
