@@ -34,6 +34,7 @@ class Rule:
     harmless: Callable[[Any], bool] | None = None
     per_rank: bool = False  # verl's global micro-batch: divided by the world size (verl does the same)
     refusal: str = ""  # the reason a value that is not harmless is refused (default: the note)
+    verl_form: Callable[[Any], bool] | None = None  # a key spinlm has too: only values in verl's form are translated
 
 
 def _any(_value) -> bool:
@@ -70,11 +71,9 @@ def _resume_mode(value):
 
 
 def _logger(value):
-    names = [value] if isinstance(value, str) else list(value or [])
-    other = [n for n in names if n not in LOGGER_NAMES]
-    if other:
-        raise Refused(f"{', '.join(map(repr, other))}: spinlm logs to {', '.join(LOGGER_NAMES)} (and jsonl)")
-    return names + ["jsonl"]  # metrics.jsonl feeds spinlm's report: always written
+    if value not in LOGGER_NAMES:
+        raise Refused(f"spinlm logs to {', '.join(LOGGER_NAMES)} (and jsonl), not {value!r}")
+    return [value, "jsonl"]  # metrics.jsonl feeds spinlm's report
 
 
 def _ref_update_freq(value):
@@ -235,7 +234,8 @@ VERL_KEYS: dict[str, Rule] = {
     "trainer.save_freq": Rule(None, "spinlm saves a checkpoint after every round (trainer.keep_last_checkpoints "
                                     "limits how many stay)", harmless=_any),
     "trainer.log_freq": Rule("trainer.log_every"),
-    "trainer.logger": Rule("trainer.logger", "jsonl is always added (the report reads it)", convert=_logger),
+    "trainer.logger": Rule("trainer.logger", "jsonl added: the report reads it", convert=_logger,
+                           verl_form=lambda v: isinstance(v, str)),  # a list is spinlm's own form
     "trainer.project_name": Rule(None, "the W&B project / MLflow experiment is spinlm", harmless=_any),
     "trainer.experiment_name": Rule("trainer.output_dir", "the run directory outputs/<experiment_name>; W&B names "
                                     "the run after it", convert=lambda v: f"outputs/{v}"),
@@ -254,6 +254,7 @@ VERL_KEYS: dict[str, Rule] = {
                                                  harmless=_falsy),
     "trainer.ray_wait_register_center_timeout": Rule(None, "spinlm waits for its Ray ranks itself", harmless=_any),
 }
+_NO_CRITIC = Rule(None, "recipe/spin has no critic", harmless=_any)  # any critic.* key
 # keys verl and spinlm share, same name and meaning: listed in the README's table, nothing to translate
 SAME_KEYS = ("data.train_files", "data.val_files", "data.max_prompt_length", "data.max_response_length",
              "trainer.n_gpus_per_node", "trainer.nnodes", "trainer.device")
@@ -266,8 +267,11 @@ def _leaves(tree: Any, prefix: str = "") -> list[tuple[str, Any]]:
     return [(prefix[:-1], tree)]
 
 
-def is_verl_key(key: str) -> bool:
-    return key in VERL_KEYS or key.split(".", 1)[0] in VERL_ONLY_SECTIONS
+def is_verl_key(key: str, value: Any = None) -> bool:
+    rule = VERL_KEYS.get(key)
+    if rule is not None:
+        return rule.verl_form is None or rule.verl_form(value)
+    return key.split(".", 1)[0] in VERL_ONLY_SECTIONS
 
 
 def strip_hydra_prefix(override: str) -> str:
@@ -283,17 +287,17 @@ def translate(user: DictConfig, world_size: Callable[[DictConfig], int]) -> tupl
 
     raw = OmegaConf.to_container(user, resolve=False)
     leaves = _leaves(raw)
-    if not any(is_verl_key(k) for k, _ in leaves):
+    if not any(is_verl_key(k, v) for k, v in leaves):
         return user, []
     out = OmegaConf.create()
     lines: list[str] = []
     problems: list[str] = []
     per_rank: list[tuple[str, Any]] = []
     for key, value in leaves:
-        if not is_verl_key(key):
+        if not is_verl_key(key, value):
             OmegaConf.update(out, key, value, merge=True)
             continue
-        rule = VERL_KEYS.get(key)
+        rule = VERL_KEYS.get(key) or (_NO_CRITIC if key.startswith("critic.") else None)
         if rule is None:
             problems.append(f"{key}={value!r}: a verl key with no spinlm counterpart (the keys spinlm understands: "
                             "README, 'Coming from verl')")

@@ -90,11 +90,11 @@ def test_global_micro_batch_is_divided_by_the_world_size():
 
 def test_values_converted_where_conventions_differ():
     cfg = load_config(["actor_rollout_ref.rollout.top_k=-1", "data.val_max_samples=-1",
-                       "trainer.logger=[console,wandb]", "trainer.experiment_name=gsm8k_spin",
+                       "trainer.logger=wandb", "trainer.experiment_name=gsm8k_spin",
                        "actor_rollout_ref.rollout.name=vllm", "actor_rollout_ref.rollout.n=4",
                        "actor_rollout_ref.actor.dpo_beta=0.3", "algorithm.dpo_loss_type=ipo"])
-    assert (cfg.rollout.top_k, cfg.data.val_max_samples, list(cfg.trainer.logger)) == (0, None, ["console", "wandb",
-                                                                                                    "jsonl"])
+    assert (cfg.rollout.top_k, cfg.data.val_max_samples, list(cfg.trainer.logger)) == (0, None, ["wandb", "jsonl"])
+    assert list(load_config(["trainer.logger=[console]"]).trainer.logger) == ["console"]  # spinlm's list: as given
     assert (cfg.trainer.output_dir, cfg.rollout.engine, cfg.rollout.n) == ("outputs/gsm8k_spin", "vllm", 4)
     assert (cfg.algorithm.beta, cfg.algorithm.loss_type) == (0.3, "ipo")
 
@@ -141,3 +141,7 @@ def test_run_spin_sh_trains_on_the_tiny_task(tiny_task, tmp_path):
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in steps) == 1  # ref_update_freq=1: one step per round
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "1"
+
+
+def test_critic_keys_change_nothing():
+    assert "critic" not in load_config(["critic.optim.lr=1e-5", "critic.ppo_micro_batch_size_per_gpu=4"])
