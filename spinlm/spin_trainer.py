@@ -201,7 +201,7 @@ class SpinTrainer:
             with self.timer("update"):
                 last = {**rollout_metrics, **self.train_step(t, pairs, ref_chosen, ref_rejected)}
         self.tracker.log({"rollout/round_tie_share": ties / max(prompts, 1)}, round=t + 1,
-                         step=self.state.global_step, kind="rollout")
+                         step=self.state.global_step, kind="health")  # one per round, beside the per-step rollouts
         if not any(len(j.pairs) for j in all_pairs):
             raise NoPairsError(self.no_pairs_message(t, prompts, sum(rewards) / max(len(rewards), 1)))
         self.workers.refresh_opponent()  # the improved policy becomes the next opponent

@@ -255,9 +255,6 @@ VERL_KEYS: dict[str, Rule] = {
     "trainer.ray_wait_register_center_timeout": Rule(None, "spinlm waits for its Ray ranks itself", harmless=_any),
 }
 _NO_CRITIC = Rule(None, "recipe/spin has no critic", harmless=_any)  # any critic.* key
-# keys verl and spinlm share, same name and meaning: listed in the README's table, nothing to translate
-SAME_KEYS = ("data.train_files", "data.val_files", "data.max_prompt_length", "data.max_response_length",
-             "trainer.n_gpus_per_node", "trainer.nnodes", "trainer.device")
 
 
 def _leaves(tree: Any, prefix: str = "") -> list[tuple[str, Any]]:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from spinlm.cli import main
 from spinlm.config import ConfigError, load_config
 
 
@@ -123,19 +124,18 @@ def test_what_spinlm_does_not_do_is_refused_all_at_once():
         load_config(["trainer.default_hdfs_dir=hdfs://x/ckpt"])
 
 
-def test_run_spin_sh_trains_on_the_tiny_task(tiny_task, tmp_path):
+def test_run_spin_sh_trains_on_the_tiny_task(tiny_task, tmp_path, capsys):
     """The same argument list, sized for the tiny task (batch, lengths, epochs) and as verl's online DPO."""
     sizes = {"data.train_batch_size": "8", "data.max_prompt_length": "96", "data.max_response_length": "48",
              "trainer.total_epochs": "1"}
     args = [a if a.split("=")[0] not in sizes else f"{a.split('=')[0]}={sizes[a.split('=')[0]]}"
             for a in run_spin_sh(tiny_task / "sft_model", tiny_task)]
     run_dir = tmp_path / "run"
-    result = subprocess.run([sys.executable, "-m", "spinlm.cli", "train", "preset=smoke", f"trainer.output_dir={run_dir}",
-                             "data.val_max_samples=4", "algorithm.mode=online_dpo",
-                             "actor_rollout_ref.rollout.n=2", *args],
-                            capture_output=True, text=True, timeout=120, env={**os.environ})
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stderr.count("verl keys translated:") == 1
+    code = main(["train", "preset=smoke", f"trainer.output_dir={run_dir}", "data.val_max_samples=4",
+                 "algorithm.mode=online_dpo", "actor_rollout_ref.rollout.n=2", *args])
+    err = capsys.readouterr().err
+    assert code == 0, err[-3000:]
+    assert err.count("verl keys translated:") == 1
     rounds = json.loads((run_dir / "rounds.json").read_text())
     assert [r["round"] for r in rounds] == ["start", 1]  # val_before_train, then total_epochs=1 round
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
