@@ -219,8 +219,8 @@ class SpinTrainer:
                 f"answer format '#### <number>', which a model not trained on it never writes), too few samples per "
                 f"prompt (rollout.n={r.n}), or a temperature too low to vary them (rollout.temperature={r.temperature})."
                 f" Knobs: reward.gsm8k_method=flexible (the last number counts), reward.format_score=0.1 (a score for "
-                f"a well-formed but wrong answer), a larger rollout.n, a higher rollout.temperature. Stopped; the last "
-                f"complete checkpoint is kept in {self.run_dir / 'checkpoints'}")
+                f"a well-formed but wrong answer), a larger rollout.n, a higher rollout.temperature. Stopped; the checkpoints "
+                f"of earlier rounds are kept in {self.run_dir / 'checkpoints'}")
 
     def judge_by_reward(self, items, rollout) -> tuple[RoundPairs, dict]:
         n = self.cfg.rollout.n

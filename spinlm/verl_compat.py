@@ -273,7 +273,7 @@ def is_verl_key(key: str, value: Any = None) -> bool:
 
 def strip_hydra_prefix(override: str) -> str:
     """Hydra's `+key=value` (add) and `++key=value` (add or override) mean key=value here."""
-    return override.lstrip("+") if override.startswith("+") else override
+    return override.lstrip("+")
 
 
 def translate(user: DictConfig, world_size: Callable[[DictConfig], int]) -> tuple[DictConfig, list[str]]:
