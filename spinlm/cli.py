@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -171,6 +172,13 @@ def _on_sigterm(signum, frame) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)  # stop as Ctrl-C does, not with -15 and no word
+    # the library logs what it decided for the user (e.g. verl keys translated): shown on stderr, so that
+    # `spinlm config show` stays pure YAML on stdout
+    notes = logging.StreamHandler(sys.stderr)
+    notes.setFormatter(logging.Formatter("spinlm: %(message)s"))
+    logger = logging.getLogger("spinlm")
+    logger.addHandler(notes)
+    logger.setLevel(logging.INFO)
     try:
         return args.func(args)
     except (ConfigError, DataError, UserError) as exc:
@@ -186,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"spinlm {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        logger.removeHandler(notes)
 
 
 if __name__ == "__main__":

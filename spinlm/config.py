@@ -1,14 +1,19 @@
 """Load the run configuration: packaged defaults, then a preset, then command-line ``key=value`` overrides.
 
 The override grammar is OmegaConf's dotlist (the same ``a.b=value`` verl users type with Hydra); values are parsed
-as YAML, so ``algorithm.beta=[0.1,0.1,5.0]`` gives a list and ``data.val_files=null`` gives None.
+as YAML, so ``algorithm.beta=[0.1,0.1,5.0]`` gives a list and ``data.val_files=null`` gives None. Hydra's ``+key=`` /
+``++key=`` mean ``key=``, and verl's recipe/spin keys are translated to spinlm's (spinlm.verl_compat), the mapping
+logged once (to the ``spinlm`` logger, which the CLI prints).
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Iterable, Mapping
 
 from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -31,7 +36,16 @@ def default_config() -> DictConfig:
     return OmegaConf.load(_config_dir() / "default.yaml")
 
 
+def world_size_of(cfg) -> int:
+    """The number of ranks a config asks for: nnodes x GPUs per node, or the CPU ranks."""
+    t = cfg.trainer
+    return t.nnodes * t.n_gpus_per_node if t.n_gpus_per_node > 0 else t.cpu_workers
+
+
 def _parse_overrides(overrides: Iterable[str]) -> DictConfig:
+    from spinlm.verl_compat import strip_hydra_prefix
+
+    overrides = [strip_hydra_prefix(o) for o in overrides]
     bad = [o for o in overrides if "=" not in o or o.startswith("=")]
     if bad:
         raise ConfigError([f"override {o!r}: expected key=value (e.g. trainer.rounds=2)" for o in bad])
@@ -39,6 +53,16 @@ def _parse_overrides(overrides: Iterable[str]) -> DictConfig:
         return OmegaConf.from_dotlist(list(overrides))
     except Exception as exc:  # omegaconf's grammar errors: name the offending text
         raise ConfigError([f"overrides {list(overrides)}: cannot parse ({exc})"]) from exc
+
+
+def _from_verl(user: DictConfig, base: DictConfig) -> DictConfig:
+    """verl's keys among the overrides become spinlm's; the mapping is logged once."""
+    from spinlm.verl_compat import translate
+
+    user, lines = translate(user, lambda u: world_size_of(OmegaConf.merge(base, u)))
+    if lines:
+        log.info("verl keys translated:\n%s", "\n".join(f"  {line}" for line in lines))
+    return user
 
 
 def load_config(overrides: Iterable[str] | Mapping | DictConfig = ()) -> DictConfig:
@@ -50,11 +74,11 @@ def load_config(overrides: Iterable[str] | Mapping | DictConfig = ()) -> DictCon
         user = _parse_overrides(list(overrides))
     base = default_config()
     preset = user.get("preset", base.preset)
-    if preset is None:
-        return OmegaConf.merge(base, user)
-    if preset not in available_presets():
-        raise ConfigError([f"preset={preset!r}: unknown preset; expected null or one of {available_presets()}"])
-    cfg = OmegaConf.merge(base, OmegaConf.load(_config_dir() / "preset" / f"{preset}.yaml"), user)
+    if preset is not None:
+        if preset not in available_presets():
+            raise ConfigError([f"preset={preset!r}: unknown preset; expected null or one of {available_presets()}"])
+        base = OmegaConf.merge(base, OmegaConf.load(_config_dir() / "preset" / f"{preset}.yaml"))
+    cfg = OmegaConf.merge(base, _from_verl(user, base))
     cfg.preset = preset
     return cfg
 
@@ -66,7 +90,8 @@ def load_run_config(config_yaml: Path, overrides: Iterable[str] = ()) -> DictCon
         saved = OmegaConf.load(config_yaml)
     except Exception as exc:  # omegaconf/yaml parse errors: name the file
         raise ConfigError([f"{config_yaml}: cannot read the run's config ({exc})"]) from exc
-    return OmegaConf.merge(default_config(), saved, _parse_overrides(list(overrides)))
+    base = OmegaConf.merge(default_config(), saved)
+    return OmegaConf.merge(base, _from_verl(_parse_overrides(list(overrides)), base))
 
 
 def resolved(cfg: DictConfig) -> DictConfig:

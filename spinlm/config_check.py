@@ -388,6 +388,7 @@ RANGES: dict[str, _Bound] = {
     "sft.warmup_ratio": (0, True, 1, False, False),
     "sft.max_examples": (1, True, None, False, True),
     "reward.model_batch_size": (1, True, None, False, False),
+    "reward.format_score": (0, True, 1, False, False),
     "reward.model_max_length": (1, True, None, False, False),
     "eval.n": (0, True, None, False, False),
     "eval.temperature": (0, False, None, False, True),
@@ -630,6 +631,9 @@ def _check_reward(v: _Values) -> list[str]:
     elif v.has("reward.weights.rule") and v["reward.weights.rule"] == 0:
         problems.append("reward.weights.rule=0: with no reward.model_path there would be no reward at all "
                         "(set reward.model_path, or a non-zero rule weight)")
+    if v.has("reward.format_score", "reward.custom_path") and v["reward.format_score"] and v["reward.custom_path"]:
+        problems.append(f"reward.format_score={v['reward.format_score']}: applies to the built-in GSM8K reward only, "
+                        f"not to reward.custom_path={v['reward.custom_path']!r} (score the format in your function)")
     if not v.has("reward.custom_path", "reward.custom_name") or v["reward.custom_path"] is None:
         return problems
     from spinlm.rewards import check_reward

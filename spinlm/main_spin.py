@@ -150,7 +150,7 @@ def _train_rounds(cfg, run_dir: Path) -> list[dict]:
     if cfg.reward.weights.rule != 0 or not cfg.reward.model_path:  # a zero weight: the rule reward never runs
         preflight_reward(reward_fn, val_items + train_items)
     # the reward model (if any) lives with the driver, which judges samples; it loads before anything is written
-    reward = build_reward(cfg.reward, reward_fn, device=pick_device(cfg.trainer.device), dtype=DTYPES[master_dtype(cfg.model.dtype)])
+    reward = build_reward(cfg.reward, get_reward_fn(cfg.reward, judging=True), device=pick_device(cfg.trainer.device), dtype=DTYPES[master_dtype(cfg.model.dtype)])
 
     state = TrainerState()
     model_path = cfg.model.path

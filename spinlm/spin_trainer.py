@@ -31,6 +31,7 @@ from spinlm.checkpoint import save_checkpoint
 from spinlm.core_algos import apply_missing_eos_penalty, pair_by_reward
 from spinlm.errors import UserError
 from spinlm.evaluate import accuracy_metrics, pass_at_k_metrics
+from spinlm.model_card import write_model_card
 from spinlm.rewards.reward_model import WeightedReward
 from spinlm.rollout.hf_rollout import SamplingParams
 from spinlm.run_dir import write_text_atomic
@@ -43,6 +44,10 @@ class NonFiniteError(UserError):
 
 class CollapseError(UserError):
     """The collapse warning, with trainer.stop_on_collapse=true."""
+
+
+class NoPairsError(UserError):
+    """online_dpo: a whole round in which every prompt tied, so nothing could be learned."""
 
 
 @dataclass
@@ -104,7 +109,7 @@ class SpinTrainer:
             row = {"round": t + 1, **_row(val, train_metrics), "time_s": time.perf_counter() - round_start}
             self.state.table.append(row)
             with self.timer("save"):
-                self.save(t)
+                self.save(t, val)
             summary = {**val, **{f"time/{k}": v for k, v in self.timings.items()},
                        "time/round": time.perf_counter() - round_start,
                        "perf/peak_memory_gb": self.workers.peak_memory_bytes() / 2**30,
@@ -183,6 +188,8 @@ class SpinTrainer:
         last: dict = {}
         # refreshed at the end of the last round; the initial reference only until the first update
         self.policy_is_opponent = cfg.algorithm.reference == "refresh" or self.state.global_step == 0
+        prompts = ties = 0
+        rewards: list[float] = []
         for _ in tqdm(range(steps), desc=f"round {t + 1} steps", leave=False):
             items = self.step_items(self.state.global_step)
             rollout = self.rollout(items, self.sampling(n=cfg.rollout.n), self.seed_for(t, self.state.global_step),
@@ -190,10 +197,17 @@ class SpinTrainer:
             with self.timer("judge"):
                 judged, rollout_metrics = self.judge_by_reward(items, rollout)
             all_pairs.append(judged)
+            prompts += len(items)
+            ties += int(rollout_metrics["rollout/ties_dropped"])
+            rewards.append(rollout_metrics.get("rollout/reward_mean", 0.0))
             self.tracker.log(rollout_metrics, round=t + 1, step=self.state.global_step + 1, kind="rollout")
             if len(judged.pairs) == 0:  # every prompt tied: no signal this step, but the step still counts
                 self.state.global_step += 1
                 self.workers.skip_step()
+                tqdm.write(f"WARNING: round {t + 1}, step {self.state.global_step}: no pair formed: all {len(items)} "
+                           f"prompts tied (their {cfg.rollout.n} samples scored the same, mean reward "
+                           f"{rollout_metrics.get('rollout/reward_mean', 0.0):.3f}); the step trains nothing",
+                           file=sys.stderr)
                 continue
             pairs = judged.pairs
             with self.timer("ref_logps"):
@@ -201,6 +215,10 @@ class SpinTrainer:
                 ref_rejected = self.workers.sequence_logps(pairs.prompts, pairs.rejected, opponent=True)
             with self.timer("update"):
                 last = {**rollout_metrics, **self.train_step(t, pairs, ref_chosen, ref_rejected)}
+        self.tracker.log({"rollout/round_tie_share": ties / max(prompts, 1)}, round=t + 1,
+                         step=self.state.global_step, kind="health")  # one per round, beside the per-step rollouts
+        if not any(len(j.pairs) for j in all_pairs):
+            raise NoPairsError(self.no_pairs_message(t, prompts, sum(rewards) / max(len(rewards), 1)))
         if cfg.algorithm.reference == "refresh":
             self.workers.refresh_opponent()  # the improved policy becomes the next opponent
         self.write_pairs(t, RoundPairs(
@@ -208,6 +226,17 @@ class SpinTrainer:
             sum((j.origins for j in all_pairs), []), sum((j.chosen_scores for j in all_pairs), []),
             sum((j.rejected_scores for j in all_pairs), [])))
         return last
+
+    def no_pairs_message(self, t: int, prompts: int, mean_reward: float) -> str:
+        r = self.cfg.rollout
+        return (f"round {t + 1}: no pair was formed in any of its {self.cfg.algorithm.ref_update_every} steps: for all "
+                f"{prompts} prompts the {r.n} samples scored the same (mean reward {mean_reward:.3f}), so online DPO "
+                f"cannot learn. Likely causes: a reward that never separates the samples (e.g. the strict GSM8K "
+                f"answer format '#### <number>', which a model not trained on it never writes), too few samples per "
+                f"prompt (rollout.n={r.n}), or a temperature too low to vary them (rollout.temperature={r.temperature})."
+                f" Knobs: reward.gsm8k_method=flexible (the last number counts), reward.format_score=0.1 (a score for "
+                f"a well-formed but wrong answer), a larger rollout.n, a higher rollout.temperature. Stopped; the checkpoints "
+                f"of earlier rounds are kept in {self.run_dir / 'checkpoints'}")
 
     def judge_by_reward(self, items, rollout) -> tuple[RoundPairs, dict]:
         n = self.cfg.rollout.n
@@ -225,7 +254,7 @@ class SpinTrainer:
             [items[p].example.origin for p in chosen.prompt_ids],
             [scores[i] for i in chosen.chosen], [scores[i] for i in chosen.rejected])
         metrics = {**_rollout_stats(samples, ended, raw), "rollout/ties_dropped": float(chosen.ties_dropped),
-                   "rollout/pairs": float(len(chosen.chosen))}
+                   "rollout/tie_share": chosen.ties_dropped / max(len(items), 1), "rollout/pairs": float(len(chosen.chosen))}
         return judged, metrics
 
     # ---- shared pieces --------------------------------------------------------------------------------------------------
@@ -381,10 +410,16 @@ class SpinTrainer:
         pq.write_table(table, tmp)
         tmp.replace(out / "pairs.parquet")
 
-    def save(self, t: int) -> None:
+    def save(self, t: int, val: dict) -> None:
         state = {"next_round": self.state.next_round, "global_step": self.state.global_step,
                  "skipped_steps": self.state.skipped_steps, "table": self.state.table}
-        save_model = functools.partial(self.workers.save, with_optimizer=self.mode == "online_dpo")
+        start = next(({"val/acc": r["val_acc"]} for r in self.state.table
+                      if r["round"] == "start" and r["val_acc"] is not None), None)
+
+        def save_model(folder: Path) -> None:  # the HF folder, with its model card
+            self.workers.save(folder, with_optimizer=self.mode == "online_dpo")
+            write_model_card(folder, self.cfg, t + 1, val, start)
+
         save_checkpoint(self.run_dir, str(t + 1), save_model, state,
                         keep_last=self.cfg.trainer.keep_last_checkpoints)
 

@@ -97,7 +97,7 @@ def test_unknown_keys_with_suggestion(files, override, expected):
     ("actor.lr=abc", "actor.lr=abc: expected a number (the default is 5e-07)"),
     ("trainer.rounds=2.5", "trainer.rounds=2.5: expected an integer (the default is 3)"),
     ("model.trust_remote_code=1", "model.trust_remote_code=1: expected a boolean (true/false) (the default is false)"),
-    ("trainer.logger=console", "trainer.logger=console: expected a list of strings (the default is [console, jsonl])"),
+    ("trainer.logger=3", "trainer.logger=3: expected a list of strings (the default is [console, jsonl])"),
     ("data.prompts_per_round=some", "data.prompts_per_round=some: expected null or an integer"),
     ("algorithm.beta=[0.1,x]", "algorithm.beta=[0.1, x]: expected a number or a list of numbers (the default is 0.1)"),
     ("trainer=5", "trainer=5: expected a section with keys rounds, epochs_per_round, train_batch_size, seed, "

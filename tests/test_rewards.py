@@ -186,3 +186,23 @@ def test_a_reward_that_calls_sys_exit_stops_naming_the_row(tmp_path):
     with pytest.raises(RewardError, match=r"^t\.parquet:3: reward function compute_score called sys\.exit\(0\); "
                                           r"a reward must return a number$"):
         score_samples(fn, [("x", "y", "1", {}, "t.parquet:3")])
+
+
+@pytest.mark.parametrize("text,method,expected", [
+    ("3 + 4 = 7\n#### 7", "strict", 1.0),   # right: the full score
+    ("3 + 4 = 8\n#### 8", "strict", 0.1),   # wrong but in the '#### n' form: the format score
+    ("3 + 4 = 7", "strict", 0.0),           # no '#### ': nothing, even though 7 is right
+    ("3 + 4 = 7", "flexible", 1.0),
+    ("3 + 4 is 8", "flexible", 0.1),        # flexible: any last number is the form
+    ("no digits here", "flexible", 0.0),
+])
+def test_gsm8k_format_score_like_verl(text, method, expected):
+    assert gsm8k.compute_score("openai/gsm8k", text, "7", method=method, format_score=0.1) == expected
+
+
+def test_format_score_only_where_samples_are_judged():
+    cfg = {**CFG, "format_score": 0.25}
+    judge, accuracy = get_reward_fn(cfg, judging=True), get_reward_fn(cfg)
+    assert judge("openai/gsm8k", "#### 8", "7") == 0.25
+    assert accuracy("openai/gsm8k", "#### 8", "7") == 0.0  # val/acc counts right answers only
+    assert judge("openai/gsm8k", "#### 7", "7") == accuracy("openai/gsm8k", "#### 7", "7") == 1.0

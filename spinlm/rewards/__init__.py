@@ -64,9 +64,10 @@ def _cfg_get(cfg: Mapping | Any, key: str, default: Any = None) -> Any:
 
 
 def _builtin(data_source: str, solution_str: str, ground_truth: str | None, extra_info: dict | None = None,
-             *, gsm8k_method: str = "strict") -> float:
+             *, gsm8k_method: str = "strict", format_score: float = 0.0) -> float:
     if data_source in GSM8K_SOURCES:
-        return gsm8k.compute_score(data_source, solution_str, ground_truth, extra_info, method=gsm8k_method)
+        return gsm8k.compute_score(data_source, solution_str, ground_truth, extra_info, method=gsm8k_method,
+                                   format_score=format_score)
     if data_source in MATH_SOURCES:
         return math_boxed.compute_score(data_source, solution_str, ground_truth, extra_info)
     if data_source in EXACT_SOURCES:
@@ -100,9 +101,10 @@ def _load_custom(path: str, name: str) -> RewardFn:
     return fn
 
 
-def get_reward_fn(reward_cfg: Mapping | Any) -> RewardFn:
-    """The reward function a run uses, from the ``reward:`` config section, each call limited to
-    reward.timeout_s seconds."""
+def get_reward_fn(reward_cfg: Mapping | Any, *, judging: bool = False) -> RewardFn:
+    """The reward function a run uses, from the ``reward:`` config section, each call limited to reward.timeout_s
+    seconds. judging: the one that scores training samples, with ``reward.format_score`` for a well-formed wrong
+    GSM8K answer; accuracy (val/acc, `spinlm evaluate`) counts right answers only."""
     custom_path = _cfg_get(reward_cfg, "custom_path")
     if custom_path:
         fn = _load_custom(str(custom_path), str(_cfg_get(reward_cfg, "custom_name", "compute_score")))
@@ -110,7 +112,8 @@ def get_reward_fn(reward_cfg: Mapping | Any) -> RewardFn:
         method = _cfg_get(reward_cfg, "gsm8k_method", "strict")
         if method not in GSM8K_METHODS:
             raise RewardError(f"reward.gsm8k_method={method!r}: expected {' | '.join(GSM8K_METHODS)}")
-        fn = functools.partial(_builtin, gsm8k_method=method)
+        format_score = float(_cfg_get(reward_cfg, "format_score", 0.0) or 0.0) if judging else 0.0
+        fn = functools.partial(_builtin, gsm8k_method=method, format_score=format_score)
         fn.__name__ = "builtin_reward"  # type: ignore[attr-defined]  # for error messages
     timeout_s = _cfg_get(reward_cfg, "timeout_s")
     if not timeout_s:

@@ -44,8 +44,12 @@ def answers_match(predicted: str, ground_truth: str) -> bool:
 
 
 def compute_score(data_source: str, solution_str: str, ground_truth: str | None, extra_info: dict | None = None,
-                  method: str = "strict") -> float:
+                  method: str = "strict", format_score: float = 0.0) -> float:
+    """1 for the right answer, format_score for a wrong one in the expected form (an answer was found: after
+    '#### ' in strict), 0 for none (verl's gsm8k scorer)."""
     if ground_truth is None:
         raise ValueError("gsm8k reward needs a ground truth (reward_model.ground_truth), got none")
     answer = extract_solution(solution_str, method)
-    return 1.0 if answer is not None and answers_match(answer, str(ground_truth)) else 0.0
+    if answer is None:
+        return 0.0
+    return 1.0 if answers_match(answer, str(ground_truth)) else float(format_score)

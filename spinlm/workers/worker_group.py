@@ -16,17 +16,13 @@ from pathlib import Path
 
 import torch
 
+from spinlm.config import world_size_of
 from spinlm.errors import UserError
 from spinlm.rollout.hf_rollout import Rollout
 from spinlm.workers.dp_actor import LossSettings, Pairs
 
 MEAN_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                 "logps/rejected", "logps/ref_chosen", "logps/ref_rejected", "train/sft_nll", "train/sft_share")
-
-
-def world_size_of(cfg) -> int:
-    t = cfg.trainer
-    return t.nnodes * t.n_gpus_per_node if t.n_gpus_per_node > 0 else t.cpu_workers
 
 
 def even_chunks(n: int, world: int) -> list[range]:
