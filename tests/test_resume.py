@@ -60,7 +60,7 @@ def test_same_seed_same_weights(uninterrupted, tmp_path):
     ("spin", "update:3"),            # round 2, after its first optimizer step
     ("spin", "checkpoint_write:2"),  # round 2's checkpoint: model written, trainer state not yet
     ("online_dpo", "generate:3"),    # round 2, step 1: the optimizer state is carried across rounds
-    ("online_dpo_lora", "update:4"),  # LoRA, round 2 after its first step: merged base + the same fresh adapter
+    ("online_dpo_lora", "generate:4"),  # LoRA, round 2 after its first step: merged base + the same fresh adapter
 ])
 def test_kill_and_resume_equals_uninterrupted(uninterrupted, tmp_path, mode, kill_at):
     extra, reference = uninterrupted[mode]
