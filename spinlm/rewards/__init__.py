@@ -34,11 +34,12 @@ class RewardTimeout(BaseException):
     swallow its deadline; score_samples turns it into a RewardError naming the row."""
 
 
-def _call_with_deadline(fn: RewardFn, timeout_s: float, **kwargs) -> Any:
-    """fn(**kwargs), interrupted by SIGALRM after timeout_s seconds. Signals reach the main thread only: called
+def _call_with_deadline(fn: RewardFn, timeout_s: float, *args, **kwargs) -> Any:
+    """fn(*args, **kwargs) (verl's signature, positional or by name), interrupted by SIGALRM after timeout_s
+    seconds. Signals reach the main thread only: called
     from another thread (not the case in spinlm's driver) the call has no deadline."""
     if threading.current_thread() is not threading.main_thread():
-        return fn(**kwargs)
+        return fn(*args, **kwargs)
 
     def expire(signum, frame):
         raise RewardTimeout
@@ -46,7 +47,7 @@ def _call_with_deadline(fn: RewardFn, timeout_s: float, **kwargs) -> Any:
     previous = signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, timeout_s)
     try:
-        return fn(**kwargs)
+        return fn(*args, **kwargs)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
