@@ -1,5 +1,5 @@
 """The Python entry point for notebooks and scripts: ``spinlm.train(...)`` is ``spinlm train ...`` as a function.
-Both go through the same steps: load the config, let the safety officer check it, run, write the report."""
+Both go through the same steps: load the config, check it (spinlm/config_check.py), run, write the report."""
 from __future__ import annotations
 
 from typing import Iterable, Mapping

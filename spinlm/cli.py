@@ -14,6 +14,16 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from spinlm.config import ConfigError, load_config, to_yaml
 from spinlm.data.example import DataError
 from spinlm.errors import Terminated, UserError
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+
+class ConsoleFormat(logging.Formatter):
+    """The library's log lines on stderr (stdout stays the command's own output, e.g. `config show`'s YAML):
+    notes as ``spinlm: ...``, warnings and errors with their level."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = "" if record.levelno < logging.WARNING else f"{record.levelname}: "
+        return f"spinlm: {level}{record.getMessage()}"
 
 
 def _cmd_train(args) -> int:
@@ -128,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset", choices=["gsm8k", "ultrachat", "messages", "model"],
                    help="gsm8k: question/answer jsonl; ultrachat: messages (first user turn -> first assistant turn, "
                         "the SPIN paper's recipe); messages: any chat file (last assistant turn is the answer); "
-                        "model: --gguf FILE into the folder --output (needs spinlm[gguf])")
+                        "model: --gguf FILE into the folder --output (needs the gguf extra: pip install -e '.[gguf]')")
     p.add_argument("--input", help="a parquet, jsonl or json file (the datasets)")
     p.add_argument("--gguf", help="model: a .gguf file (dequantised to float32)")
     p.add_argument("--output", required=True, help="the .parquet (or .jsonl) file to write; model: a new folder")
@@ -172,15 +182,14 @@ def _on_sigterm(signum, frame) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)  # stop as Ctrl-C does, not with -15 and no word
-    # the library logs what it decided for the user (e.g. verl keys translated): shown on stderr, so that
-    # `spinlm config show` stays pure YAML on stdout
-    notes = logging.StreamHandler(sys.stderr)
-    notes.setFormatter(logging.Formatter("spinlm: %(message)s"))
     logger = logging.getLogger("spinlm")
-    logger.addHandler(notes)
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(ConsoleFormat())
+    logger.addHandler(console)
     logger.setLevel(logging.INFO)
     try:
-        return args.func(args)
+        with logging_redirect_tqdm(loggers=[logger]):  # a log line printed while a bar runs does not break it
+            return args.func(args)
     except (ConfigError, DataError, UserError) as exc:
         if args.debug:
             raise
@@ -195,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spinlm {args.command}: interrupted", file=sys.stderr)
         return 130
     finally:
-        logger.removeHandler(notes)
+        logger.removeHandler(console)
 
 
 if __name__ == "__main__":

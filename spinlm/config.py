@@ -66,7 +66,7 @@ def _from_verl(user: DictConfig, base: DictConfig) -> DictConfig:
 
 
 def load_config(overrides: Iterable[str] | Mapping | DictConfig = ()) -> DictConfig:
-    """Defaults <- the preset, when one is named <- overrides. Unknown keys are kept so that the safety officer can
+    """Defaults <- the preset, when one is named <- overrides. Unknown keys are kept so that the config check can
     name them all."""
     if isinstance(overrides, (Mapping, DictConfig)):
         user = OmegaConf.create(dict(overrides) if isinstance(overrides, Mapping) else overrides)

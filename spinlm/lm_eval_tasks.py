@@ -7,6 +7,7 @@ local json/jsonl/parquet files, so no network is needed).
 from __future__ import annotations
 
 from spinlm.errors import UserError
+from spinlm.extras import install_hint
 
 
 def run_lm_eval(model, tokenizer, tasks: list[str], *, include_path: str | None = None, limit: int | None = None,
@@ -18,7 +19,7 @@ def run_lm_eval(model, tokenizer, tasks: list[str], *, include_path: str | None 
         from lm_eval.tasks import TaskManager
     except ImportError as exc:
         raise UserError(f"eval.lm_eval_tasks={tasks}: needs lm-evaluation-harness, which is not installed "
-                        f"({exc}); install it with: pip install 'spinlm[eval]'") from exc
+                        f"({exc}); install it with: {install_hint('eval')}") from exc
     manager = TaskManager(include_path=include_path, include_defaults=False) if include_path else None
     if manager is None or any(t not in manager.all_tasks for t in tasks):
         manager = TaskManager(include_path=include_path)  # lm_eval's own ~15k tasks: about 10 s to index

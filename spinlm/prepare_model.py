@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from spinlm.errors import UserError
+from spinlm.extras import install_hint
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ GGUF_MAGIC = b"GGUF"
 def check_gguf_file(path: Path) -> None:
     """Clear errors for a missing package, a missing file or a file that is not GGUF, before any loading."""
     if importlib.util.find_spec("gguf") is None:
-        raise UserError("reading a GGUF file needs the gguf package: pip install \"spinlm[gguf]\" (or pip install gguf)")
+        raise UserError(f"reading a GGUF file needs the gguf package: {install_hint('gguf')} (or pip install gguf)")
     if not path.is_file():
         raise UserError(f"--gguf {path}: no such file")
     with path.open("rb") as f:

@@ -2,7 +2,6 @@
 TensorBoard, Weights & Biases and MLflow through their own libraries (imported only when asked for)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -12,15 +11,15 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from spinlm.errors import UserError
+from spinlm.extras import EXTRA_OF_TRACKER, missing_extra
 
 SUMMARY_KEYS = ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "train/lr")
-LIBRARIES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
 
 def missing_logger_libraries(loggers) -> list[str]:
-    """Problems for the safety officer: a logger whose library is not installed."""
-    return [f"trainer.logger contains {name}: its library is not installed (pip install {LIBRARIES[name]})"
-            for name in loggers if name in LIBRARIES and importlib.util.find_spec(LIBRARIES[name]) is None]
+    """Config-check problems: a logger whose library is not installed."""
+    return [f"trainer.logger contains {name}: its library is not installed ({hint})"
+            for name in loggers if name in EXTRA_OF_TRACKER and (hint := missing_extra(name))]
 
 
 class Tracker:

@@ -48,7 +48,7 @@ def test_import_spinlm_is_cheap():
 def test_train_takes_a_dict_or_an_omegaconf_config(tiny_task, config):
     from spinlm import train
 
-    with pytest.raises(ConfigError) as caught:  # the safety officer sees the keys where the CLI puts them
+    with pytest.raises(ConfigError) as caught:  # the config check sees the keys where the CLI puts them
         train(config)
     problems = caught.value.problems
     assert any(p.startswith("trainer.rounds=0:") for p in problems), problems

@@ -1,8 +1,9 @@
 """Reward functions with verl's signature ``compute_score(data_source, solution_str, ground_truth, extra_info)``.
 
 ``get_reward_fn`` returns either a user's function loaded from a file (``reward.custom_path``) or the built-in
-dispatcher that picks a scorer by ``data_source``. ``score_samples`` is the only place rewards are computed:
-a failing or non-numeric score stops the run with the row it came from, never a silent 0.
+dispatcher that picks a scorer by ``data_source``. ``score_samples`` is where every rule reward is computed (a
+reward model's scores come from ``reward_model.py``): a failing or non-numeric score stops the run with the row it
+came from, never a silent 0.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The `vllm` rollout engine (optional extra, `pip install "spinlm[vllm]"`): a vLLM engine colocated with training
+"""The `vllm` rollout engine (optional extra, `pip install -e ".[vllm]"`): a vLLM engine colocated with training
 in each rank's own process, fed the policy's weights in place.
 
 - Colocated: the engine core runs inside this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so a weight push hands
@@ -22,6 +22,7 @@ from typing import Iterable
 import torch
 
 from spinlm.errors import UserError
+from spinlm.extras import install_hint
 from spinlm.rollout.hf_rollout import Rollout, SamplingParams, check_params, request_seeds
 
 
@@ -67,7 +68,7 @@ class VllmRollout:
             from vllm import LLM
         except ImportError as exc:
             raise UserError(f"rollout.engine=vllm: cannot import vllm ({exc}); install the extra with "
-                            "pip install \"spinlm[vllm]\" (on CPU: scripts/setup_vllm_env.sh)") from exc
+                            f"{install_hint('vllm')} (on CPU: scripts/setup_vllm_env.sh)") from exc
         self.sleep_enabled = sleep and device.type == "cuda" and hasattr(LLM, "sleep")
         kwargs = dict(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
                       gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,

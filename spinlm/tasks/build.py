@@ -14,6 +14,7 @@ interrupted build is never mistaken for a complete one.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -27,6 +28,8 @@ import pyarrow.parquet as pq
 from spinlm.tasks.arith import generate_problems, to_rows
 
 INFO_FILE = "build_info.json"
+
+log = logging.getLogger(__name__)
 
 
 def _write_parquet(rows: list[dict[str, Any]], path: Path) -> None:
@@ -49,7 +52,7 @@ def _build_into(tmp: Path, *, seed: int, n_train: int, n_val: int, n_sft: int, s
     _write_parquet(train_rows, tmp / "train.parquet")
     _write_parquet(val_rows, tmp / "val.parquet")
     _write_parquet(train_rows[:n_sft], tmp / "sft.parquet")
-    print(f"tiny task: wrote {n_train} train, {n_val} val, {n_sft} sft rows")
+    log.info("tiny task: wrote %d train, %d val, %d sft rows", n_train, n_val, n_sft)
 
     # The SFT rows are a subset of train, so the train text is the whole corpus.
     tokenizer = train_tokenizer([f"{p['question']}\n{p['solution']}" for p in problems[:n_train]],
@@ -59,7 +62,7 @@ def _build_into(tmp: Path, *, seed: int, n_train: int, n_val: int, n_sft: int, s
     model.save_pretrained(tmp / "init_model")
     tokenizer.save_pretrained(tmp / "init_model")
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"tiny task: tokenizer of {len(tokenizer)} tokens, Llama of {n_params / 1e6:.2f}M parameters")
+    log.info("tiny task: tokenizer of %d tokens, Llama of %.2fM parameters", len(tokenizer), n_params / 1e6)
 
     # The same code path as `spinlm sft`, on CPU so that the cached artefacts do not depend on the machine.
     cfg = load_config({
@@ -123,7 +126,7 @@ def build_tiny_task(out_dir: str | Path, *, seed: int = 0, force: bool = False, 
         recorded = json.loads((out / INFO_FILE).read_text())
         differ = sorted(k for k, v in settings.items() if recorded.get(k) != v)
         note = f"; it was built with other {', '.join(differ)}" if differ else ""
-        print(f"tiny task: complete build found at {out}{note} (use --force to rebuild)")
+        log.info("tiny task: complete build found at %s%s (use --force to rebuild)", out, note)
         return out
     if out.exists() and not (out / INFO_FILE).is_file() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out}: exists and is not a tiny-task build (no {INFO_FILE}); "
@@ -132,7 +135,7 @@ def build_tiny_task(out_dir: str | Path, *, seed: int = 0, force: bool = False, 
         raise ValueError(f"n_train={n_train}, n_val={n_val}, n_sft={n_sft}: expected 1 <= n_sft <= n_train "
                          "and n_val >= 1")
 
-    print(f"tiny task: building into {out} (seed {seed})")
+    log.info("tiny task: building into %s (seed %d)", out, seed)
     start = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = _sibling(out, "building")
@@ -150,6 +153,6 @@ def build_tiny_task(out_dir: str | Path, *, seed: int = 0, force: bool = False, 
         raise
     if old is not None:
         shutil.rmtree(old)
-    print(f"tiny task: done in {info['seconds']:.1f}s; SFT warm start val/acc "
-          f"{info['sft']['val_acc_after']:.3f} ({n_val} prompts) -> {out}")
+    log.info("tiny task: done in %.1fs; SFT warm start val/acc %.3f (%d prompts) -> %s", info["seconds"],
+             info["sft"]["val_acc_after"], n_val, out)
     return out
