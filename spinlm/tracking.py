@@ -12,6 +12,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from spinlm.errors import UserError
+from spinlm.run_dir import RunDir
 
 SUMMARY_KEYS = ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "train/lr")
 LIBRARIES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
@@ -34,7 +35,7 @@ class Tracker:
         self.jsonl = self.tensorboard = self.wandb = self.mlflow = None
         try:
             if "jsonl" in loggers:
-                self.jsonl = open(run_dir / "metrics.jsonl", "a")
+                self.jsonl = open(RunDir(run_dir).metrics, "a")
             if "tensorboard" in loggers:
                 from torch.utils.tensorboard import SummaryWriter
 
