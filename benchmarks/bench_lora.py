@@ -39,7 +39,8 @@ SHAPES = {
 def child(variant: str, rank: int, shape: str) -> None:
     spec = SHAPES[shape]
     from spinlm.config import load_config, resolved
-    from spinlm.workers.dp_actor import LossSettings, Pairs
+    from spinlm.pairs import Pairs
+    from spinlm.workers.dp_actor import LossSettings
     from spinlm.workers.fsdp_workers import PolicyWorker
 
     with tempfile.TemporaryDirectory() as tmp:

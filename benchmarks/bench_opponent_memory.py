@@ -22,7 +22,8 @@ import torch
 def child(args) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from spinlm.workers.dp_actor import DataParallelActor, LossSettings, Pairs
+    from spinlm.pairs import Pairs
+    from spinlm.workers.dp_actor import DataParallelActor, LossSettings
     from spinlm.workers.logprobs import ResponseLogProbs
 
     torch.manual_seed(0)

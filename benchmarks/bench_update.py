@@ -80,7 +80,8 @@ def matmul_params(model) -> int:
 
 
 def run_spinlm(spec: dict) -> dict:
-    from spinlm.workers.dp_actor import DataParallelActor, LossSettings, Pairs
+    from spinlm.pairs import Pairs
+    from spinlm.workers.dp_actor import DataParallelActor, LossSettings
     from spinlm.workers.logprobs import ResponseLogProbs
 
     model = build_model(spec)
@@ -181,7 +182,8 @@ def profile_spinlm(model_name: str) -> None:
     """Where spinlm's step time goes: torch.profiler over two preference steps (after one warm-up)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from spinlm.workers.dp_actor import DataParallelActor, LossSettings, Pairs
+    from spinlm.pairs import Pairs
+    from spinlm.workers.dp_actor import DataParallelActor, LossSettings
     from spinlm.workers.logprobs import ResponseLogProbs
 
     spec = MODELS[model_name]

@@ -90,7 +90,8 @@ def synchronize(device: torch.device) -> None:
 def run_spinlm(model_dir: Path, tok_dir: Path, run: dict, args, device: torch.device, dtype: str) -> dict:
     from spinlm.config import load_config
     from spinlm.rollout.hf_rollout import SamplingParams
-    from spinlm.workers.dp_actor import LossSettings, Pairs
+    from spinlm.pairs import Pairs
+    from spinlm.workers.dp_actor import LossSettings
     from spinlm.workers.fsdp_workers import PolicyWorker
 
     cfg = load_config([

@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 from spinlm.config import load_config, resolved
 from spinlm.main_spin import load_items
 from spinlm.tasks.build import build_tiny_task
-from spinlm.workers.dp_actor import LossSettings, Pairs
+from spinlm.pairs import Pairs
+from spinlm.workers.dp_actor import LossSettings
 from spinlm.modeling import load_tokenizer
 from spinlm.workers.worker_group import LocalWorkerGroup, RayWorkerGroup
 

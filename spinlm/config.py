@@ -42,6 +42,12 @@ def world_size_of(cfg) -> int:
     return t.nnodes * t.n_gpus_per_node if t.n_gpus_per_node > 0 else t.cpu_workers
 
 
+def online_dpo_total_steps(cfg) -> int:
+    """online_dpo's optimizer steps over the whole run: the length of its one learning-rate schedule. The trainer
+    starts the schedule with it and a resumed run restores the schedule with it, so both must use this one number."""
+    return cfg.trainer.rounds * cfg.algorithm.ref_update_every
+
+
 def _parse_overrides(overrides: Iterable[str]) -> DictConfig:
     from spinlm.verl_compat import strip_hydra_prefix
 

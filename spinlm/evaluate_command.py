@@ -15,29 +15,28 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from spinlm.checkpoint import STATE_FILE
 from spinlm.config import ConfigError, default_config, load_config, load_run_config, resolved
 from spinlm.errors import UserError
+from spinlm.run_dir import CHECKPOINTS_DIR, STATE_FILE, RunDir, complete_checkpoints, run_dir_of_checkpoint
 
 log = logging.getLogger(__name__)
 
 
 def find_checkpoints(path: Path) -> tuple[Path | None, list[tuple[str, Path]]]:
     """(the run's config.yaml or None, [(round, model folder)]) for a run directory, a checkpoint or a model."""
-    if (path / "checkpoints").is_dir():
-        done = [p for p in (path / "checkpoints").iterdir()
-                if p.is_dir() and p.name.isdigit() and (p / STATE_FILE).exists()]
+    run = RunDir(path)
+    if run.checkpoints.is_dir():
+        done = complete_checkpoints(path)
         if not done:
-            raise UserError(f"{path}: a run directory with no complete checkpoint in {path / 'checkpoints'} "
-                            "(a checkpoint is complete once its trainer_state.pt is written)")
-        config = path / "config.yaml"
-        return (config if config.is_file() else None), [(p.name, p) for p in sorted(done, key=lambda p: int(p.name))]
+            raise UserError(f"{path}: a run directory with no complete checkpoint in {run.checkpoints} "
+                            f"(a checkpoint is complete once its {STATE_FILE} is written)")
+        return (run.config if run.config.is_file() else None), [(p.name, p) for p in done]
     if not (path / "config.json").is_file():
-        raise UserError(f"{path}: neither a run directory (with checkpoints/) nor a Hugging Face model folder "
+        raise UserError(f"{path}: neither a run directory (with {CHECKPOINTS_DIR}/) nor a Hugging Face model folder "
                         "(with config.json)")
-    config = path.parent.parent / "config.yaml"
-    in_run = path.parent.name == "checkpoints" and config.is_file()
-    return (config if in_run else None), [(path.name, path)]
+    owner = run_dir_of_checkpoint(path)
+    in_run = owner is not None and owner.config.is_file()
+    return (owner.config if in_run else None), [(path.name, path)]
 
 
 # What runs someone's code: taken from the command line only, never from a run directory's files (a run directory

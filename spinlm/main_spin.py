@@ -1,7 +1,6 @@
 """The director: check the config, load data, start the worker, run the rounds, close cleanly."""
 from __future__ import annotations
 
-import json
 import random
 import sys
 from dataclasses import dataclass
@@ -11,16 +10,16 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from spinlm.checkpoint import latest_checkpoint, load_state
-from spinlm.config import resolved, to_yaml
+from spinlm.config import online_dpo_total_steps, resolved, to_yaml
 from spinlm.config_check import validate
 from spinlm.errors import UserError
 from spinlm.data.dataset import tokenize_examples
 from spinlm.data.formats import load_examples
 from spinlm.report import write_report
-from spinlm.run_dir import run_lock, write_text_atomic
+from spinlm.run_dir import (METRICS_FILE, RunDir, TrainerState, drop_unfinished_metrics, latest_checkpoint,
+                            load_trainer_state, run_lock, write_text_atomic)
 from spinlm.rewards import get_reward_fn, score_responses
-from spinlm.spin_trainer import SpinTrainer, TrainerState
+from spinlm.spin_trainer import SpinTrainer
 from spinlm.tracking import Tracker
 from spinlm.rewards.reward_model import build_reward
 from spinlm.modeling import DTYPES, load_tokenizer, master_dtype, pick_device
@@ -58,23 +57,6 @@ def load_val_items(cfg, tokenizer):
     return [it for it in items if it.example.ground_truth is not None][: cfg.data.val_max_samples or None]
 
 
-def drop_unfinished_metrics(run_dir: Path, done_rounds: int) -> None:
-    """Rows of rounds that never completed (a run killed mid-round, or a fresh start over an old run directory)
-    would be logged again: keep only completed rounds' rows. A line cut short by a kill is dropped too."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if done_rounds > 0 and row["round"] <= done_rounds:
-            keep.append(line)
-    write_text_atomic(path, "".join(line + "\n" for line in keep))
-
-
 def preflight_reward(reward_fn, items) -> None:
     """Call the reward once on a row with a ground truth (its own reference answer) before anything is written,
     so a reward function that cannot run fails now, naming the row, not rounds later."""
@@ -110,7 +92,7 @@ def report_or_warning(run_dir: Path, cfg) -> Path | None:
     """The report is a view of results already on disk: when it cannot be written the run's results stand, and
     a clear warning says why and how to retry."""
     if "jsonl" not in cfg.trainer.logger:
-        print(f"no report: trainer.logger={list(cfg.trainer.logger)} has no jsonl, and the report reads metrics.jsonl")
+        print(f"no report: trainer.logger={list(cfg.trainer.logger)} has no jsonl, and the report reads {METRICS_FILE}")
         return None
     try:
         path = write_report(run_dir)
@@ -130,7 +112,7 @@ def train_rounds(cfg, run_dir: Path) -> list[dict]:
 
 def _train_rounds(cfg, run_dir: Path) -> list[dict]:
     latest = latest_checkpoint(run_dir) if cfg.trainer.resume == "auto" and run_dir.exists() else None
-    if cfg.trainer.resume == "disable" and (run_dir / "checkpoints").exists():
+    if cfg.trainer.resume == "disable" and RunDir(run_dir).checkpoints.exists():
         raise RunError(f"trainer.output_dir={run_dir} already holds checkpoints and trainer.resume=disable: "
                        "pick a new trainer.output_dir, or set trainer.resume=auto to continue that run")
     if latest is not None and cfg.algorithm.mode == "online_dpo" and not (latest / OPTIM_DIR).is_dir():
@@ -155,8 +137,7 @@ def _train_rounds(cfg, run_dir: Path) -> list[dict]:
     state = TrainerState()
     model_path = cfg.model.path
     if latest is not None:
-        saved = load_state(latest)
-        state = TrainerState(saved["next_round"], saved["global_step"], saved["skipped_steps"], list(saved["table"]))
+        state = load_trainer_state(latest)
         model_path = str(latest)
         print(f"resuming from {latest} (next round {state.next_round + 1} of {cfg.trainer.rounds})")
     if state.next_round >= cfg.trainer.rounds:
@@ -167,9 +148,9 @@ def _train_rounds(cfg, run_dir: Path) -> list[dict]:
     workers = make_worker_group(cfg, model_path, keep_opponent=keep_opponent, run_dir=run_dir)
     try:
         if latest is not None:
-            workers.load_optimizer(latest, cfg.trainer.rounds * cfg.algorithm.ref_update_every)
+            workers.load_optimizer(latest, online_dpo_total_steps(cfg))
         # only now that every input has loaded: a bad input writes nothing
-        write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
+        write_text_atomic(RunDir(run_dir).config, to_yaml(cfg))
         drop_unfinished_metrics(run_dir, state.next_round)
         tracker = Tracker(run_dir, list(cfg.trainer.logger), cfg.trainer.log_every,
                           config=OmegaConf.to_container(cfg))

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from spinlm.errors import UserError
+from spinlm.run_dir import (METRICS_FILE, ROUND_TABLE_FILE, RunDir, read_pairs_table, read_round_table,
+                            rounds_with_pairs)
 
 EXAMPLES_PER_ROUND = 3
 TABLE_COLUMNS = ("round", "val_acc", "margins", "accuracies", "logps_chosen", "sample_reward", "time_s")
@@ -43,7 +44,7 @@ class RunRecord:
 def write_report(run_dir) -> Path:
     """Write RUN_DIR/report/ and return the path of its report.html."""
     record = read_run(Path(run_dir))
-    out = record.run_dir / "report"
+    out = RunDir(record.run_dir).report
     out.mkdir(exist_ok=True)
     plots = draw_plots(record, out)
     (out / "report.md").write_text(render_markdown(record, plots))
@@ -56,13 +57,14 @@ def write_report(run_dir) -> Path:
 def read_run(run_dir: Path) -> RunRecord:
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run directory")
-    return RunRecord(run_dir, read_metrics(run_dir / "metrics.jsonl"), read_table(run_dir / "rounds.json"),
-                     read_settings(run_dir / "config.yaml"), *read_pairs(run_dir))
+    run = RunDir(run_dir)
+    return RunRecord(run_dir, read_metrics(run.metrics), read_round_table(run_dir), read_settings(run.config),
+                     *read_pair_examples(run_dir))
 
 
 def read_metrics(path: Path) -> list[dict]:
     if not path.is_file():
-        raise UserError(f"{path}: not found; a run directory has metrics.jsonl once a run has started "
+        raise UserError(f"{path}: not found; a run directory has {METRICS_FILE} once a run has started "
                         "(with trainer.logger including jsonl, the default)")
     lines = path.read_text().splitlines()
     rows = []
@@ -79,18 +81,6 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 
-def read_table(path: Path) -> list[dict]:
-    if not path.is_file():  # no round completed yet
-        return []
-    try:
-        table = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(table, list) or not all(isinstance(r, dict) and "round" in r for r in table):
-        raise UserError(f"{path}: expected a list of objects with a round field (the round table)")
-    return table
-
-
 def read_settings(path: Path) -> dict[str, str]:
     if not path.is_file():
         return {}
@@ -104,18 +94,15 @@ def read_settings(path: Path) -> dict[str, str]:
     return {k: str(OmegaConf.select(cfg, k)) for k in CONFIG_KEYS if OmegaConf.select(cfg, k) is not None}
 
 
-def read_pairs(run_dir: Path) -> tuple[dict, dict, dict]:
+def read_pair_examples(run_dir: Path) -> tuple[dict, dict, dict]:
+    """Per round with pairs: a few example pairs, and the mean chosen and rejected lengths in tokens."""
     examples, chosen_length, rejected_length = {}, {}, {}
-    folder = run_dir / "rounds"
-    rounds = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
-    for t in rounds:
-        path = folder / str(t) / "pairs.parquet"
-        if not path.is_file():
-            continue
+    for t in rounds_with_pairs(run_dir):
         try:
-            table = pq.read_table(path, columns=["prompt", "chosen", "rejected", "chosen_ids", "rejected_ids"])
+            table = read_pairs_table(run_dir, t, ["prompt", "chosen", "rejected", "chosen_ids", "rejected_ids"])
         except Exception as exc:  # pyarrow's many error types: a report names the file either way
-            raise UserError(f"{path}: cannot read the round's pairs ({type(exc).__name__}: {exc})") from exc
+            raise UserError(f"{RunDir(run_dir).pairs(t)}: cannot read the round's pairs "
+                            f"({type(exc).__name__}: {exc})") from exc
         examples[t] = table.select(["prompt", "chosen", "rejected"]).slice(0, EXAMPLES_PER_ROUND).to_pylist()
         if table.num_rows:
             chosen_length[t] = pc.mean(pc.list_value_length(table["chosen_ids"])).as_py()
@@ -241,7 +228,7 @@ def render_markdown(record: RunRecord, plots: list[Plot]) -> str:
         lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in record.table]
     else:
-        lines.append("No round has completed yet (no rounds.json).")
+        lines.append(f"No round has completed yet (no {ROUND_TABLE_FILE}).")
     lines += ["", "## Plots", ""] + [f"![{p.title}]({p.path.name})\n" for p in plots]
     lines += ["## Example pairs", ""]
     for t, pairs in record.examples.items():
@@ -277,7 +264,7 @@ def render_html(record: RunRecord, plots: list[Plot]) -> str:
         parts += ["<tr>" + "".join(f"<td>{e(_fmt(r.get(c)))}</td>" for c in cols) + "</tr>" for r in record.table]
         parts.append("</table>")
     else:
-        parts.append("<p>No round has completed yet (no rounds.json).</p>")
+        parts.append(f"<p>No round has completed yet (no {ROUND_TABLE_FILE}).</p>")
     parts.append("<h2>Plots</h2>")
     for p in plots:  # embedded: the file is the whole report, to mail or attach
         data = base64.b64encode(p.path.read_bytes()).decode("ascii")

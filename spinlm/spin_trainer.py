@@ -13,29 +13,27 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import random
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from spinlm.checkpoint import save_checkpoint
+from spinlm.config import online_dpo_total_steps
 from spinlm.core_algos import apply_missing_eos_penalty, pair_by_reward
 from spinlm.errors import UserError
 from spinlm.evaluate import accuracy_metrics, pass_at_k_metrics
 from spinlm.model_card import write_model_card
+from spinlm.pairs import Pairs, RoundPairs
 from spinlm.rewards.reward_model import WeightedReward
 from spinlm.rollout.hf_rollout import SamplingParams
-from spinlm.run_dir import write_text_atomic
-from spinlm.workers.dp_actor import LossSettings, Pairs
+from spinlm.run_dir import (RunDir, TrainerState, read_pairs, save_checkpoint, write_pairs,
+                            write_round_table)
+from spinlm.workers.dp_actor import LossSettings
 
 
 class NonFiniteError(UserError):
@@ -48,26 +46,6 @@ class CollapseError(UserError):
 
 class NoPairsError(UserError):
     """online_dpo: a whole round in which every prompt tied, so nothing could be learned."""
-
-
-@dataclass
-class RoundPairs:
-    """A round's judged pairs plus what is needed to write them out."""
-
-    pairs: Pairs
-    origins: list[str]
-    chosen_scores: list[float | None]
-    rejected_scores: list[float | None]
-
-
-@dataclass
-class TrainerState:
-    """Counters that a checkpoint carries (with the model and, in online_dpo, the optimizer)."""
-
-    next_round: int = 0
-    global_step: int = 0
-    skipped_steps: int = 0
-    table: list[dict] = field(default_factory=list)
 
 
 class SpinTrainer:
@@ -183,7 +161,7 @@ class SpinTrainer:
         cfg = self.cfg
         steps = cfg.algorithm.ref_update_every
         if not self.workers.has_schedule():  # one schedule over the whole run; restored from the checkpoint on resume
-            self.workers.start_schedule(cfg.trainer.rounds * steps)
+            self.workers.start_schedule(online_dpo_total_steps(cfg))
         all_pairs: list[RoundPairs] = []
         last: dict = {}
         # refreshed at the end of the last round; the initial reference only until the first update
@@ -236,7 +214,7 @@ class SpinTrainer:
                 f"prompt (rollout.n={r.n}), or a temperature too low to vary them (rollout.temperature={r.temperature})."
                 f" Knobs: reward.gsm8k_method=flexible (the last number counts), reward.format_score=0.1 (a score for "
                 f"a well-formed but wrong answer), a larger rollout.n, a higher rollout.temperature. Stopped; the checkpoints "
-                f"of earlier rounds are kept in {self.run_dir / 'checkpoints'}")
+                f"of earlier rounds are kept in {RunDir(self.run_dir).checkpoints}")
 
     def judge_by_reward(self, items, rollout) -> tuple[RoundPairs, dict]:
         n = self.cfg.rollout.n
@@ -278,7 +256,7 @@ class SpinTrainer:
             raise NonFiniteError(
                 f"round {t + 1}, step {self.state.global_step}: the parameters are not finite after the optimizer step "
                 f"(loss={metrics['loss']}, grad_norm={metrics['train/grad_norm']}, lr={metrics.get('train/lr')}). "
-                f"Stopped without saving; the last complete checkpoint is kept in {self.run_dir / 'checkpoints'}. "
+                f"Stopped without saving; the last complete checkpoint is kept in {RunDir(self.run_dir).checkpoints}. "
                 "Try a lower actor.lr or model.dtype=float32")
         skipped = metrics.pop("train/step_skipped") > 0
         self.policy_is_opponent = self.policy_is_opponent and skipped
@@ -291,7 +269,7 @@ class SpinTrainer:
                 f"round {t + 1}, step {self.state.global_step}: {self.bad_in_a_row} steps in a row had a non-finite loss "
                 f"or gradient norm (loss={metrics['loss']}, grad_norm={metrics['train/grad_norm']}), more than "
                 f"trainer.max_bad_steps={self.cfg.trainer.max_bad_steps}. Stopped; the last complete checkpoint is kept "
-                f"in {self.run_dir / 'checkpoints'}. Try a lower actor.lr, a larger algorithm.beta, or model.dtype=float32")
+                f"in {RunDir(self.run_dir).checkpoints}. Try a lower actor.lr, a larger algorithm.beta, or model.dtype=float32")
         return metrics
 
     def check_collapse(self, t: int) -> None:
@@ -313,7 +291,7 @@ class SpinTrainer:
                    f"lower actor.lr (threshold: trainer.collapse_threshold={self.cfg.trainer.collapse_threshold})")
         if self.cfg.trainer.stop_on_collapse:
             raise CollapseError(message + f". Stopped (trainer.stop_on_collapse=true); the last good checkpoint is "
-                                          f"kept in {self.run_dir / 'checkpoints'}")
+                                          f"kept in {RunDir(self.run_dir).checkpoints}")
         tqdm.write(f"WARNING: {message}", file=sys.stderr)
 
     def loss_settings(self, t: int) -> LossSettings:
@@ -360,7 +338,7 @@ class SpinTrainer:
         """The paper trains iteration t on its own pairs and those of the previous iteration(s)."""
         out = Pairs(list(pairs.prompts), list(pairs.chosen), list(pairs.rejected))
         for past in range(max(0, t - self.cfg.algorithm.history_rounds), t):
-            old = read_pairs(self.run_dir, past)
+            old = read_pairs(self.run_dir, past + 1)
             out.prompts += old.prompts
             out.chosen += old.chosen
             out.rejected += old.rejected
@@ -393,26 +371,9 @@ class SpinTrainer:
 
     # ---- run directory ----------------------------------------------------------------------------------------------
     def write_pairs(self, t: int, judged: RoundPairs) -> None:
-        out = self.run_dir / "rounds" / str(t + 1)
-        out.mkdir(parents=True, exist_ok=True)
-        tok = self.tokenizer
-        p = judged.pairs
-        table = pa.table({
-            "origin": judged.origins,
-            "prompt": tok.batch_decode(p.prompts, skip_special_tokens=False),
-            "chosen": tok.batch_decode(p.chosen, skip_special_tokens=True),
-            "rejected": tok.batch_decode(p.rejected, skip_special_tokens=True),
-            "chosen_score": pa.array(judged.chosen_scores, type=pa.float64()),
-            "rejected_score": pa.array(judged.rejected_scores, type=pa.float64()),
-            "prompt_ids": p.prompts, "chosen_ids": p.chosen, "rejected_ids": p.rejected,
-        })
-        tmp = out / ".pairs.parquet.tmp"
-        pq.write_table(table, tmp)
-        tmp.replace(out / "pairs.parquet")
+        write_pairs(self.run_dir, t + 1, judged, self.tokenizer)
 
     def save(self, t: int, val: dict) -> None:
-        state = {"next_round": self.state.next_round, "global_step": self.state.global_step,
-                 "skipped_steps": self.state.skipped_steps, "table": self.state.table}
         start = next(({"val/acc": r["val_acc"]} for r in self.state.table
                       if r["round"] == "start" and r["val_acc"] is not None), None)
 
@@ -420,18 +381,12 @@ class SpinTrainer:
             self.workers.save(folder, with_optimizer=self.mode == "online_dpo")
             write_model_card(folder, self.cfg, t + 1, val, start)
 
-        save_checkpoint(self.run_dir, str(t + 1), save_model, state,
+        save_checkpoint(self.run_dir, str(t + 1), save_model, self.state,
                         keep_last=self.cfg.trainer.keep_last_checkpoints)
 
     def save_table(self) -> None:
         """The round table also lives in a small JSON in the run directory, for people and tools."""
-        write_text_atomic(self.run_dir / "rounds.json", json.dumps(self.state.table, indent=1))
-
-
-def read_pairs(run_dir: Path, t: int) -> Pairs:
-    table = pq.read_table(Path(run_dir) / "rounds" / str(t + 1) / "pairs.parquet",
-                          columns=["prompt_ids", "chosen_ids", "rejected_ids"]).to_pydict()
-    return Pairs(table["prompt_ids"], table["chosen_ids"], table["rejected_ids"])
+        write_round_table(self.run_dir, self.state.table)
 
 
 def _rollout_stats(samples, ended, scores) -> dict:

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from spinlm.errors import UserError
 from spinlm.extras import EXTRA_OF_TRACKER, missing_extra
+from spinlm.run_dir import RunDir
 
 SUMMARY_KEYS = ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "train/lr")
 
@@ -33,7 +34,7 @@ class Tracker:
         self.jsonl = self.tensorboard = self.wandb = self.mlflow = None
         try:
             if "jsonl" in loggers:
-                self.jsonl = open(run_dir / "metrics.jsonl", "a")
+                self.jsonl = open(RunDir(run_dir).metrics, "a")
             if "tensorboard" in loggers:
                 from torch.utils.tensorboard import SummaryWriter
 

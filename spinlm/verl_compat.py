@@ -13,6 +13,8 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
+from spinlm.run_dir import PAIRS_FILE, ROUNDS_DIR
+
 # The top-level sections that exist only in verl: any key under them is a verl key (known to the table or refused).
 VERL_ONLY_SECTIONS = ("actor_rollout_ref", "critic", "reward_model", "custom_reward_function", "ray_init")
 LOGGER_NAMES = ("console", "wandb", "tensorboard", "mlflow")
@@ -247,7 +249,8 @@ VERL_KEYS: dict[str, Rule] = {
     "trainer.max_critic_ckpt_to_keep": Rule(None, "there is no critic", harmless=_any),
     "trainer.critic_warmup": Rule(None, "there is no critic", harmless=_falsy),
     "trainer.balance_batch": Rule(None, "spinlm sorts micro-batches by length itself", harmless=_any),
-    "trainer.log_val_generations": Rule(None, "every round's pairs are in rounds/<t>/pairs.parquet", harmless=_any),
+    "trainer.log_val_generations": Rule(None, f"every round's pairs are in {ROUNDS_DIR}/<t>/{PAIRS_FILE}",
+                                        harmless=_any),
     "trainer.val_only": Rule(None, "for evaluation only, run `spinlm evaluate`", harmless=_falsy),
     "trainer.del_local_ckpt_after_load": Rule(None, "spinlm keeps its checkpoints", harmless=_falsy),
     "trainer.remove_previous_ckpt_in_save": Rule(None, "for fewer checkpoints set trainer.keep_last_checkpoints",

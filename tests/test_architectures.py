@@ -13,7 +13,8 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, Llama
 
 from spinlm.config import load_config
 from spinlm.main_spin import run
-from spinlm.workers.dp_actor import LossSettings, Pairs
+from spinlm.pairs import Pairs
+from spinlm.workers.dp_actor import LossSettings
 from spinlm.workers.fsdp_workers import decoder_layers
 from spinlm.modeling import load_tokenizer
 from spinlm.workers.worker_group import LocalWorkerGroup

@@ -16,7 +16,8 @@ pytest.importorskip("ray")
 
 from spinlm.config import load_config, resolved  # noqa: E402
 from spinlm.main_spin import load_items  # noqa: E402
-from spinlm.workers.dp_actor import LossSettings, Pairs  # noqa: E402
+from spinlm.pairs import Pairs  # noqa: E402
+from spinlm.workers.dp_actor import LossSettings  # noqa: E402
 from spinlm.modeling import load_tokenizer  # noqa: E402
 from spinlm.workers.worker_group import LocalWorkerGroup, RayWorkerGroup  # noqa: E402
 

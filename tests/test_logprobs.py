@@ -10,7 +10,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralFo
 
 from spinlm.core_algos import preference_loss
 from spinlm.workers.logprobs import ResponseLogProbs
-from spinlm.workers.dp_actor import DataParallelActor, LossSettings, Pairs, micro_batches
+from spinlm.pairs import Pairs
+from spinlm.workers.dp_actor import DataParallelActor, LossSettings, micro_batches
 from spinlm.workers.logprobs import auto_chunk_size, chunked_token_logps, pack_sequences, packed_response_logps, padded_response_logps
 
 VOCAB = 64

@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM
 
 from spinlm.config import load_config, resolved
 from spinlm.main_spin import load_items, run
-from spinlm.workers.dp_actor import LossSettings, Pairs
+from spinlm.pairs import Pairs
+from spinlm.workers.dp_actor import LossSettings
 from spinlm.workers.fsdp_workers import PolicyWorker
 
 pytest.importorskip("peft")

@@ -7,7 +7,8 @@ import torch
 
 from spinlm.config import load_config
 from conftest import save_arith_model
-from spinlm.workers.dp_actor import LossSettings, Pairs
+from spinlm.pairs import Pairs
+from spinlm.workers.dp_actor import LossSettings
 from spinlm.workers.fsdp_workers import PolicyWorker
 from spinlm.modeling import resolve_attn_implementation
 

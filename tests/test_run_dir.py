@@ -1,5 +1,6 @@
-"""The run directory's lock and atomic writes, with real processes: a second `spinlm train` on a held directory
-exits 2 at once naming the holder's pid and touches nothing; a lock left by a killed process is taken over."""
+"""The run directory: its lock and atomic writes, with real processes (a second `spinlm train` on a held directory
+exits 2 at once naming the holder's pid and touches nothing; a lock left by a killed process is taken over), and its
+files written and read back: the round's pairs, the round table, checkpoints and the trainer state."""
 from __future__ import annotations
 
 import logging
@@ -11,7 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from spinlm.run_dir import LOCK_FILE, RunDirLocked, run_lock, write_text_atomic
+from spinlm.pairs import Pairs, RoundPairs
+from spinlm.run_dir import (LOCK_FILE, CheckpointError, RunDir, RunDirLocked, TrainerState, complete_checkpoints,
+                            latest_checkpoint, load_trainer_state, read_pairs, read_pairs_table, read_round_table,
+                            rounds_with_pairs, run_lock, save_checkpoint, write_pairs, write_round_table,
+                            write_text_atomic)
 
 
 def _snapshot(root: Path) -> dict[str, bytes | None]:
@@ -91,4 +96,81 @@ def test_a_failed_atomic_write_keeps_the_old_file(tmp_path):
     with pytest.raises(UnicodeEncodeError):
         write_text_atomic(target, "[1, 2, 3" + "\udc80" + "]")
     assert target.read_text() == "[1, 2]"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rounds.json"]
+
+
+def test_the_trainer_state_round_trips_through_its_state_dict():
+    table = [{"round": "start", "val_acc": 0.25}, {"round": 1, "val_acc": 0.5, "margins": None, "time_s": 1.5}]
+    state = TrainerState(next_round=3, global_step=17, skipped_steps=2, table=table)
+    assert state.state_dict() == {"next_round": 3, "global_step": 17, "skipped_steps": 2, "table": table}
+    back = TrainerState.from_state_dict(state.state_dict())
+    assert back == state and back.table is not table  # the restored table is a list of its own
+    assert TrainerState() == TrainerState(0, 0, 0, [])
+
+
+def _write_model(folder: Path) -> None:
+    (folder / "model.safetensors").write_bytes(b"weights")
+
+
+def test_checkpoints_save_atomically_load_back_and_prune_the_oldest(tmp_path):
+    run = RunDir(tmp_path)
+    assert latest_checkpoint(tmp_path) is None  # a fresh run directory: nothing to resume
+    states = {name: TrainerState(int(name), 10 * int(name), 0, [{"round": r} for r in range(1, int(name) + 1)])
+              for name in ("1", "2", "3")}
+    for name, state in states.items():
+        saved = save_checkpoint(tmp_path, name, _write_model, state, keep_last=2)
+        assert saved == run.checkpoint(name) and run.latest.read_text() == f"{name}\n"
+        os.utime(saved, (1000 * int(name), 1000 * int(name)))  # pruning goes by age: make the order explicit
+    assert complete_checkpoints(tmp_path) == [run.checkpoint("2"), run.checkpoint("3")]  # keep_last=2: 1 pruned
+    assert sorted(p.name for p in run.checkpoints.iterdir()) == ["2", "3", "latest"]  # no .tmp-* left
+    assert latest_checkpoint(tmp_path) == run.checkpoint("3")
+    assert load_trainer_state(run.checkpoint("3")) == TrainerState(3, 30, 0, [{"round": 1}, {"round": 2}, {"round": 3}])
+    assert (run.checkpoint("3") / "model.safetensors").read_bytes() == b"weights"
+
+    run.checkpoint("4").mkdir()  # a folder without its trainer state: never complete, never loaded
+    _write_model(run.checkpoint("4"))
+    assert complete_checkpoints(tmp_path) == [run.checkpoint("2"), run.checkpoint("3")]
+    run.latest.write_text("4\n")
+    with pytest.raises(CheckpointError, match="names 4, which is incomplete or missing \\(trainer_state.pt not found"):
+        latest_checkpoint(tmp_path)
+
+
+def test_a_failed_save_leaves_no_half_checkpoint_and_latest_unmoved(tmp_path):
+    save_checkpoint(tmp_path, "1", _write_model, TrainerState(1, 4, 0, []))
+
+    def broken(folder: Path) -> None:
+        _write_model(folder)
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tmp_path, "2", broken, TrainerState(2, 8, 0, []))
+    run = RunDir(tmp_path)
+    assert sorted(p.name for p in run.checkpoints.iterdir()) == ["1", "latest"]
+    assert latest_checkpoint(tmp_path) == run.checkpoint("1")
+
+
+def test_pairs_round_trip_as_token_ids_and_text(tiny_task, tmp_path):
+    from spinlm.modeling import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_task / "sft_model"))
+    enc = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prompts = [enc("3 + 4 ="), enc("5 + 7 =")]
+    chosen, rejected = [enc("#### 7"), enc("#### 12")], [enc("#### 8"), enc("#### 1")]
+    judged = RoundPairs(Pairs(prompts, chosen, rejected, sft_mask=[1.0, 0.0]), ["train.parquet:0", "train.parquet:5"],
+                        [1.0, None], [0.0, -0.5])
+    path = write_pairs(tmp_path, 2, judged, tok)
+    assert path == tmp_path / "rounds" / "2" / "pairs.parquet"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["pairs.parquet"]  # no temporary left
+    assert rounds_with_pairs(tmp_path) == [2]
+    assert read_pairs(tmp_path, 2) == Pairs(prompts, chosen, rejected)  # the ids as trained on; masks are not stored
+    text = read_pairs_table(tmp_path, 2, ["origin", "chosen", "rejected", "chosen_score", "rejected_score"]).to_pydict()
+    assert text == {"origin": ["train.parquet:0", "train.parquet:5"], "chosen": ["#### 7", "#### 12"],
+                    "rejected": ["#### 8", "#### 1"], "chosen_score": [1.0, None], "rejected_score": [0.0, -0.5]}
+
+
+def test_the_round_table_round_trips_and_is_empty_before_the_first_round(tmp_path):
+    assert read_round_table(tmp_path) == []
+    table = [{"round": "start", "val_acc": 0.25}, {"round": 1, "val_acc": 0.5, "margins": None}]
+    write_round_table(tmp_path, table)
+    assert read_round_table(tmp_path) == table
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rounds.json"]

@@ -13,7 +13,8 @@ import torch
 
 from spinlm.config import load_config, resolved
 from spinlm.main_spin import load_items, run
-from spinlm.workers.dp_actor import LossSettings, Pairs
+from spinlm.pairs import Pairs
+from spinlm.workers.dp_actor import LossSettings
 from spinlm.workers.fsdp_workers import PolicyWorker
 
 
@@ -183,7 +184,8 @@ def test_a_non_finite_setting_never_saves_a_checkpoint(tiny_task, tmp_path, over
 def test_a_sample_equal_to_the_ground_truth_is_never_a_rejected_response(tiny_task, tmp_path, drop):
     from spinlm.rewards import get_reward_fn
     from spinlm.rollout.hf_rollout import Rollout
-    from spinlm.spin_trainer import SpinTrainer, TrainerState
+    from spinlm.run_dir import TrainerState
+    from spinlm.spin_trainer import SpinTrainer
     from spinlm.modeling import load_tokenizer
 
     cfg = resolved(smoke(tmp_path, f"algorithm.drop_identical_pairs={str(drop).lower()}"))

@@ -11,7 +11,8 @@ import torch
 
 from spinlm.config import load_config, resolved
 from spinlm.main_spin import load_items, run
-from spinlm.workers.dp_actor import LossSettings, Pairs
+from spinlm.pairs import Pairs
+from spinlm.workers.dp_actor import LossSettings
 from spinlm.workers.fsdp_workers import PolicyWorker
 
 
@@ -31,7 +32,8 @@ def judge(tmp_path, *overrides):
     prompt 2: wrong + EOS (0.0) vs wrong, no EOS (-0.5)       gap 0.5, chosen wrong (two wrong answers)"""
     from spinlm.rewards import get_reward_fn
     from spinlm.rollout.hf_rollout import Rollout
-    from spinlm.spin_trainer import SpinTrainer, TrainerState
+    from spinlm.run_dir import TrainerState
+    from spinlm.spin_trainer import SpinTrainer
     from spinlm.workers.fsdp_workers import load_tokenizer
 
     cfg = resolved(smoke(tmp_path, "algorithm.mode=online_dpo", "rollout.n=2", "algorithm.missing_eos_penalty=0.5",

@@ -41,7 +41,8 @@ def test_vllm_greedy_equals_hf_greedy_after_an_update(model_dir):
 
 def check_greedy_after_update(worker):
     from spinlm.rollout.hf_rollout import SamplingParams, generate
-    from spinlm.workers.dp_actor import LossSettings, Pairs
+    from spinlm.pairs import Pairs
+    from spinlm.workers.dp_actor import LossSettings
 
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(5, 64, (int(n),), generator=gen).tolist() for n in torch.randint(3, 12, (12,), generator=gen)]

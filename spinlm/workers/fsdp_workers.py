@@ -30,8 +30,9 @@ from spinlm.crash_points import crash_point
 from spinlm.modeling import (DTYPES, MIXED_PRECISION, autocast_context, disable_dropout,
                              enable_gradient_checkpointing, eos_ids_of, load_model, load_tokenizer, master_dtype,
                              pick_device, resolve_attn_implementation)
+from spinlm.pairs import Pairs
 from spinlm.rollout.hf_rollout import Rollout, SamplingParams, generate
-from spinlm.workers.dp_actor import DataParallelActor, LossSettings, Pairs
+from spinlm.workers.dp_actor import DataParallelActor, LossSettings
 from spinlm.workers.logprobs import ResponseLogProbs, pack_sequences
 from spinlm.workers.lora import add_adapter, merge_into_base, plain_state_dict
 

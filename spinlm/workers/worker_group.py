@@ -18,8 +18,9 @@ import torch
 
 from spinlm.config import world_size_of
 from spinlm.errors import UserError
+from spinlm.pairs import Pairs
 from spinlm.rollout.hf_rollout import Rollout
-from spinlm.workers.dp_actor import LossSettings, Pairs
+from spinlm.workers.dp_actor import LossSettings
 
 MEAN_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                 "logps/rejected", "logps/ref_chosen", "logps/ref_rejected", "train/sft_nll", "train/sft_share")
