@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from spinlm.config import load_config, resolved
-from spinlm.main_spin import load_items
+from spinlm.data.items import load_items
 from spinlm.tasks.build import build_tiny_task
 from spinlm.pairs import Pairs
 from spinlm.workers.dp_actor import LossSettings
@@ -55,7 +55,7 @@ def main() -> None:
                 f"trainer.train_batch_size={args.batch}", "actor.micro_batch_size=8"]
         cfg = resolved(load_config(base))
         tok = load_tokenizer(cfg.model.path)
-        items = load_items(cfg, tok, cfg.data.train_files, need_response=True)[0][: args.steps * args.batch]
+        items = load_items(cfg.data, tok, cfg.data.train_files, need_response=True)[0][: args.steps * args.batch]
         rejected = [it.response_ids[: max(1, len(it.response_ids) // 2)] + [tok.eos_token_id] for it in items]
         pairs = Pairs([it.prompt_ids for it in items], [it.response_ids for it in items], rejected)
 

@@ -36,10 +36,15 @@ def default_config() -> DictConfig:
     return OmegaConf.load(_config_dir() / "default.yaml")
 
 
+def world_size(nnodes: int, n_gpus_per_node: int, cpu_workers: int) -> int:
+    """The number of ranks: nnodes x GPUs per node when GPUs are asked for, else the CPU ranks."""
+    return nnodes * n_gpus_per_node if n_gpus_per_node > 0 else cpu_workers
+
+
 def world_size_of(cfg) -> int:
-    """The number of ranks a config asks for: nnodes x GPUs per node, or the CPU ranks."""
+    """The number of ranks a config asks for (see world_size)."""
     t = cfg.trainer
-    return t.nnodes * t.n_gpus_per_node if t.n_gpus_per_node > 0 else t.cpu_workers
+    return world_size(t.nnodes, t.n_gpus_per_node, t.cpu_workers)
 
 
 def online_dpo_total_steps(cfg) -> int:

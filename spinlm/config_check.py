@@ -1,9 +1,10 @@
 """The safety officer: every cross-field rule of a run's config, checked before any model or data loads.
 
 ``check_config`` returns ALL problems at once, each naming the key, its value and the rule broken, so a user
-fixes a config in one pass instead of one crash per launch. It reads files (a model's config.json, the first row
-of each data file) but never builds a model or loads a tokenizer; torch is imported only to count GPUs, and
-only when the config asks for them.
+fixes a config in one pass instead of one crash per launch. ``check_eval_config`` and ``check_sft_config`` apply
+the rule sets of `spinlm evaluate` and `spinlm sft` to the same reading of the tree (unknown keys, types, NaN).
+It reads files (a model's config.json, the first row of each data file) but never builds a model or loads a
+tokenizer; torch is imported only to count GPUs, and only when the config asks for them.
 
 A value that already failed a rule (unset, unresolvable, wrong type, out of range) is left out of the later
 rules, so each mistake is reported once.
@@ -23,7 +24,8 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from spinlm.config import ConfigError, available_presets, default_config, load_config
+from spinlm import choices
+from spinlm.config import ConfigError, available_presets, default_config, load_config, world_size
 from spinlm.tracking import missing_logger_libraries
 
 logger = logging.getLogger(__name__)
@@ -31,22 +33,22 @@ logger = logging.getLogger(__name__)
 MISSING = "???"
 
 ENUMS: dict[str, tuple[str, ...]] = {
-    "algorithm.mode": ("spin", "online_dpo"),
-    "algorithm.reference": ("refresh", "initial"),
-    "algorithm.loss_type": ("sigmoid", "hinge", "ipo", "exponential", "robust", "sppo_hard", "bco_pair", "sft"),
-    "data.format": ("auto", "messages", "verl", "spin", "plain", "preference"),
-    "data.truncation": ("error", "left", "right", "drop"),
-    "actor.optimizer": ("adamw", "rmsprop"),
-    "actor.lr_scheduler": ("linear", "cosine", "constant"),
-    "trainer.resume": ("auto", "disable"),
-    "trainer.device": ("auto", "cpu", "cuda"),
-    "trainer.launcher": ("auto", "local", "ray"),
-    "model.dtype": ("float32", "bfloat16", "float16"),
-    "model.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
-    "rollout.engine": ("hf", "vllm"),
-    "reward.gsm8k_method": ("strict", "flexible"),
+    "algorithm.mode": choices.ALGORITHM_MODES,
+    "algorithm.reference": choices.REFERENCE_MODES,
+    "algorithm.loss_type": choices.LOSS_TYPES,
+    "data.format": choices.DATA_FORMAT_CHOICES,
+    "data.truncation": choices.TRUNCATION_MODES,
+    "actor.optimizer": choices.OPTIMIZERS,
+    "actor.lr_scheduler": choices.LR_SCHEDULERS,
+    "trainer.resume": choices.RESUME_MODES,
+    "trainer.device": choices.DEVICES,
+    "trainer.launcher": choices.LAUNCHERS,
+    "model.dtype": choices.DTYPE_NAMES,
+    "model.attn_implementation": choices.ATTN_IMPLEMENTATIONS,
+    "rollout.engine": choices.ROLLOUT_ENGINES,
+    "reward.gsm8k_method": choices.GSM8K_METHODS,
 }
-LOGGERS = ("console", "jsonl", "tensorboard", "wandb", "mlflow")
+LOGGERS = choices.LOGGERS
 
 # Types a key accepts where its default's type is not the whole story: mandatory (???) keys, null defaults and
 # keys that take a number or a list. Any other key takes the type of its default.
@@ -322,12 +324,17 @@ def _check_enums(v: _Values) -> list[str]:
     choices_of = dict(ENUMS, preset=tuple(available_presets()))
     if v.has("preset") and v["preset"] is None:  # no preset: the packaged defaults
         v.drop("preset")
-    for key, choices in choices_of.items():
-        if v.has(key) and v[key] not in choices:
-            close = difflib.get_close_matches(str(v[key]), choices, n=1)
+    for key, allowed in choices_of.items():
+        if v.has(key) and v[key] not in allowed:
+            close = difflib.get_close_matches(str(v[key]), allowed, n=1)
             hint = f"; did you mean {close[0]}?" if close else ""
-            problems.append(f"{key}={_fmt(v[key])}: must be one of {', '.join(choices)}{hint}")
+            problems.append(f"{key}={_fmt(v[key])}: must be one of {', '.join(allowed)}{hint}")
             v.drop(key)
+    return problems
+
+
+def _check_loggers(v: _Values) -> list[str]:
+    problems = []
     if v.has("trainer.logger"):
         for i, name in enumerate(v["trainer.logger"]):
             if name not in LOGGERS:
@@ -469,7 +476,7 @@ def _check_batches(v: _Values) -> list[str]:
     if not v.has(*keys):
         return []
     batch, micro, nnodes, gpus, cpus = (v[k] for k in keys)
-    world = nnodes * gpus if gpus > 0 else cpus
+    world = world_size(nnodes, gpus, cpus)
     if batch % (micro * world) == 0:
         return []
     how = f"trainer.nnodes x trainer.n_gpus_per_node = {nnodes} x {gpus}" if gpus > 0 else f"trainer.cpu_workers = {cpus}"
@@ -484,10 +491,10 @@ def _check_lora(v: _Values) -> list[str]:
     if importlib.util.find_spec("peft") is None:
         problems.append(f"model.lora.rank={v['model.lora.rank']}: LoRA needs peft (pip install \"spinlm[lora]\")")
     if v.has("trainer.nnodes", "trainer.n_gpus_per_node", "trainer.cpu_workers"):
-        gpus, cpus = v["trainer.nnodes"] * v["trainer.n_gpus_per_node"], v["trainer.cpu_workers"]
-        if (gpus if gpus > 0 else cpus) > 1:
+        world = world_size(v["trainer.nnodes"], v["trainer.n_gpus_per_node"], v["trainer.cpu_workers"])
+        if world > 1:
             problems.append(f"model.lora.rank={v['model.lora.rank']}: LoRA runs on one rank for now (world size "
-                            f"{gpus if gpus > 0 else cpus}); use full fine-tuning with FSDP2 across ranks")
+                            f"{world}); use full fine-tuning with FSDP2 across ranks")
     if v.has("rollout.engine") and v["rollout.engine"] == "vllm":
         problems.append(f"model.lora.rank={v['model.lora.rank']}: LoRA works with rollout.engine=hf only for now "
                         "(the vllm engine is sent plain weights, not an adapter)")
@@ -536,6 +543,18 @@ def _max_positions(model_config: dict) -> tuple[str, int] | None:
 
 
 def _check_model(v: _Values) -> list[str]:
+    return _model_problems(v, check_context=True)
+
+
+def _check_sft_model(v: _Values) -> list[str]:
+    # no context rule: SFT generates nothing, so its sequences are the rows' own lengths (data.max_*_length only cap
+    # them), and the bundled task fine-tunes its 256-position model under the default 512-token caps
+    return _model_problems(v, check_context=False)
+
+
+def _model_problems(v: _Values, *, check_context: bool) -> list[str]:
+    """The model and tokenizer folders; with check_context, prompt + response (the generation budget) must fit the
+    model's positions."""
     problems: list[str] = []
     model_config = None
     if v.has("model.path"):
@@ -545,7 +564,7 @@ def _check_model(v: _Values) -> list[str]:
         path = v["model.tokenizer_path"]
         if not Path(path).expanduser().exists() and (_looks_local(path) or not path.strip()):
             problems.append(f"model.tokenizer_path={_fmt(path)}: no such directory")
-    if model_config is None or not v.has("data.max_prompt_length", "data.max_response_length"):
+    if not check_context or model_config is None or not v.has("data.max_prompt_length", "data.max_response_length"):
         return problems
     limit = _max_positions(model_config)
     prompt, response = v["data.max_prompt_length"], v["data.max_response_length"]
@@ -577,14 +596,26 @@ def _check_rollout_engine(v: _Values) -> list[str]:
 
 
 def _check_data_files(v: _Values) -> list[str]:
-    from spinlm.data.formats import check_file
-
-    if not v.has("data.format", "algorithm.mode"):
+    if not v.has("algorithm.mode"):
         return []
-    problems = []
     # Only training needs the ground-truth response (spin: chosen = ground truth); validation scores the
     # policy's own samples with the reward, so a val file without responses is fine.
-    for key, need_response in (("data.train_files", v["algorithm.mode"] == "spin"), ("data.val_files", False)):
+    return _data_file_problems(v, train_needs_response=v["algorithm.mode"] == "spin")
+
+
+def _check_sft_data_files(v: _Values) -> list[str]:
+    # SFT needs a response in every training row; a row without one is named when the rows are read (the first
+    # row alone does not say)
+    return _data_file_problems(v, train_needs_response=False)
+
+
+def _data_file_problems(v: _Values, *, train_needs_response: bool) -> list[str]:
+    from spinlm.data.formats import check_file
+
+    if not v.has("data.format"):
+        return []
+    problems = []
+    for key, need_response in (("data.train_files", train_needs_response), ("data.val_files", False)):
         if not v.has(key) or v[key] is None:
             continue
         value = v[key]
@@ -624,13 +655,19 @@ def _check_output_dirs(v: _Values) -> list[str]:
     return problems
 
 
-def _check_reward(v: _Values) -> list[str]:
-    problems = []
+def _check_reward_model(v: _Values) -> list[str]:
+    """The reward model, and the weights that mix it with the rule reward (training and evaluation)."""
     if v.has("reward.model_path") and v["reward.model_path"] is not None:
-        problems += _read_model_config("reward.model_path", v["reward.model_path"])[0]
-    elif v.has("reward.weights.rule") and v["reward.weights.rule"] == 0:
-        problems.append("reward.weights.rule=0: with no reward.model_path there would be no reward at all "
-                        "(set reward.model_path, or a non-zero rule weight)")
+        return _read_model_config("reward.model_path", v["reward.model_path"])[0]
+    if v.has("reward.weights.rule") and v["reward.weights.rule"] == 0:
+        return ["reward.weights.rule=0: with no reward.model_path there would be no reward at all "
+                "(set reward.model_path, or a non-zero rule weight)"]
+    return []
+
+
+def _check_reward_function(v: _Values) -> list[str]:
+    """The rule reward: the built-in one's settings, or the user's reward.custom_path function."""
+    problems = []
     if v.has("reward.format_score", "reward.custom_path") and v["reward.format_score"] and v["reward.custom_path"]:
         problems.append(f"reward.format_score={v['reward.format_score']}: applies to the built-in GSM8K reward only, "
                         f"not to reward.custom_path={v['reward.custom_path']!r} (score the format in your function)")
@@ -663,6 +700,9 @@ def _visible_gpus() -> int:
     return torch.cuda.device_count()
 
 
+NO_CUDA_GPU = "trainer.device=cuda: no CUDA GPU is visible on this machine (torch.cuda.device_count()=0)"
+
+
 def _check_gpus(v: _Values) -> list[str]:
     if not v.has("trainer.device", "trainer.n_gpus_per_node", "trainer.nnodes"):
         return []
@@ -674,20 +714,44 @@ def _check_gpus(v: _Values) -> list[str]:
         return []  # with several nodes the GPUs are on the cluster's nodes, not necessarily on this one
     visible = _visible_gpus()
     if visible == 0 and device == "cuda":
-        return ["trainer.device=cuda: no CUDA GPU is visible on this machine (torch.cuda.device_count()=0)"]
+        return [NO_CUDA_GPU]
     if gpus > visible:
         return [f"trainer.n_gpus_per_node={gpus}: this machine has only {visible} visible GPU(s) "
                 "(torch.cuda.device_count(); see CUDA_VISIBLE_DEVICES)"]
     return []
 
 
-RULES: tuple[Callable[[_Values], list[str]], ...] = (
-    _check_enums, _check_ranges, _check_beta, _check_mode, _check_batches, _check_lora, _check_model, _check_attention,
-    _check_rollout_engine, _check_data_files, _check_output_dirs, _check_reward, _check_gpus, _check_eval,
+def _check_sft_device(v: _Values) -> list[str]:
+    """`spinlm sft` runs on one device (trainer.device), whatever the rank counts of a training config say."""
+    if v.has("trainer.device") and v["trainer.device"] == "cuda" and _visible_gpus() == 0:
+        return [NO_CUDA_GPU]
+    return []
+
+
+def _check_sft_reward(v: _Values) -> list[str]:
+    """SFT scores only its validation answers, with the rule reward (the reward model is not used)."""
+    if not v.has("data.val_files") or v["data.val_files"] is None:
+        return []
+    return _check_reward_function(v)
+
+
+Rule = Callable[[_Values], list[str]]
+RULES: tuple[Rule, ...] = (
+    _check_enums, _check_loggers, _check_ranges, _check_beta, _check_mode, _check_batches, _check_lora, _check_model,
+    _check_attention, _check_rollout_engine, _check_data_files, _check_output_dirs, _check_reward_model,
+    _check_reward_function, _check_gpus, _check_eval,
 )
 # `spinlm evaluate` trains nothing: no schedule, batch, mode or output rules, and the train files may be unset
-EVAL_RULES: tuple[Callable[[_Values], list[str]], ...] = (
-    _check_enums, _check_ranges, _check_model, _check_attention, _check_data_files, _check_reward, _check_eval,
+EVAL_RULES: tuple[Rule, ...] = (
+    _check_enums, _check_loggers, _check_ranges, _check_model, _check_attention, _check_data_files,
+    _check_reward_model, _check_reward_function, _check_eval,
+)
+# `spinlm sft` trains one model on one device with a response-only loss: the sft.* keys (in the ranges), the model,
+# the data files, where it writes, and the reward of its validation; nothing about rounds, ranks, pairs, loggers or
+# the generation budget
+SFT_RULES: tuple[Rule, ...] = (
+    _check_enums, _check_ranges, _check_sft_model, _check_attention, _check_sft_data_files, _check_output_dirs,
+    _check_sft_reward, _check_sft_device,
 )
 
 
@@ -712,6 +776,22 @@ def check_eval_config(cfg: DictConfig) -> list[str]:
     for rule in EVAL_RULES:
         problems += rule(v)
     return problems
+
+
+def check_sft_config(cfg: DictConfig) -> list[str]:
+    """The problems that matter to `spinlm sft`: the shared type, NaN and unknown-key checks, then SFT_RULES."""
+    problems, values = _read_tree(cfg)
+    v = _Values(values)
+    for rule in SFT_RULES:
+        problems += rule(v)
+    return problems
+
+
+def validate_sft(cfg: DictConfig) -> None:
+    """Raise ConfigError listing every problem `spinlm sft` has with ``cfg``, or return quietly."""
+    problems = check_sft_config(cfg)
+    if problems:
+        raise ConfigError(problems)
 
 
 def validate(cfg: DictConfig) -> None:

@@ -116,7 +116,7 @@ def evaluate_path(path: str | Path, overrides: list[str] = ()) -> list[dict]:
     """One row per evaluated model: {"round": <checkpoint name>, "path": ..., metric: value, ...}."""
     import torch
 
-    from spinlm.main_spin import load_val_items
+    from spinlm.data.items import load_val_items
 
     path = Path(path)
     if not path.exists():
@@ -131,7 +131,7 @@ def evaluate_path(path: str | Path, overrides: list[str] = ()) -> list[dict]:
         # every round of a run saves the same tokenizer: tokenise the val set once
         key = tokenizer.backend_tokenizer.to_str() if hasattr(tokenizer, "backend_tokenizer") else id(tokenizer)
         if key not in cache:
-            cache[key] = load_val_items(cfg, tokenizer)
+            cache[key] = load_val_items(cfg.data, tokenizer)
         return cache[key]
 
     rows = []

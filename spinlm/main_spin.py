@@ -1,23 +1,21 @@
 """The director: check the config, load data, start the worker, run the rounds, close cleanly."""
 from __future__ import annotations
 
-import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import OmegaConf
 
 from spinlm.config import online_dpo_total_steps, resolved, to_yaml
 from spinlm.config_check import validate
 from spinlm.errors import UserError
-from spinlm.data.dataset import tokenize_examples
-from spinlm.data.formats import load_examples
+from spinlm.data.items import load_items, load_val_items
 from spinlm.report import write_report
 from spinlm.run_dir import (METRICS_FILE, RunDir, TrainerState, drop_unfinished_metrics, latest_checkpoint,
                             load_trainer_state, run_lock, write_text_atomic)
+from spinlm.seeding import seed_everything
 from spinlm.rewards import get_reward_fn, score_responses
 from spinlm.spin_trainer import SpinTrainer
 from spinlm.tracking import Tracker
@@ -31,30 +29,6 @@ class RunError(UserError):
     """A run cannot start or go on; the message says why and what to do."""
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def load_items(cfg, tokenizer, files, *, need_response: bool):
-    d = cfg.data
-    examples, _ = load_examples(files, d.format, skip_bad_rows=d.skip_bad_rows, default_data_source=d.default_data_source)
-    items, stats = tokenize_examples(examples, tokenizer, max_prompt_length=d.max_prompt_length,
-                                     max_response_length=d.max_response_length, truncation=d.truncation)
-    if need_response:
-        missing = [it.example.origin for it in items if it.response_ids is None]
-        if missing:
-            raise RunError(f"algorithm.mode=spin needs a ground-truth response for every prompt; {len(missing)} rows have "
-                           f"none (first: {missing[0]}). Use a format with responses, or algorithm.mode=online_dpo")
-    return items, stats
-
-
-def load_val_items(cfg, tokenizer):
-    """The held-out prompts that have a ground truth, the first data.val_max_samples of them (`spinlm evaluate`
-    uses the same, so its greedy accuracy is the trainer's val/acc)."""
-    items, _ = load_items(cfg, tokenizer, cfg.data.val_files, need_response=False)
-    return [it for it in items if it.example.ground_truth is not None][: cfg.data.val_max_samples or None]
 
 
 def preflight_reward(reward_fn, items) -> None:
@@ -123,11 +97,11 @@ def _train_rounds(cfg, run_dir: Path) -> list[dict]:
                        "checkpoint that has one, or pick a new trainer.output_dir")
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
-    seed_everything(cfg.trainer.seed)
+    seed_everything(cfg)
 
     tokenizer = load_tokenizer(cfg.model.tokenizer_path or cfg.model.path, cfg.model.trust_remote_code)
-    train_items, stats = load_items(cfg, tokenizer, cfg.data.train_files, need_response=cfg.algorithm.mode == "spin")
-    val_items = load_val_items(cfg, tokenizer) if cfg.data.val_files else []
+    train_items, stats = load_items(cfg.data, tokenizer, cfg.data.train_files, need_response=cfg.algorithm.mode == "spin")
+    val_items = load_val_items(cfg.data, tokenizer) if cfg.data.val_files else []
     reward_fn = get_reward_fn(cfg.reward)
     if cfg.reward.weights.rule != 0 or not cfg.reward.model_path:  # a zero weight: the rule reward never runs
         preflight_reward(reward_fn, val_items + train_items)

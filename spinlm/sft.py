@@ -12,15 +12,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf import DictConfig
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from spinlm.config import ConfigError
+from spinlm.config_check import validate_sft
 from spinlm.data.example import DataError
-from spinlm.modeling import (DTYPES, autocast_context, enable_gradient_checkpointing, load_model, load_tokenizer,
-                             master_dtype)
+from spinlm.data.items import load_items, load_val_items
+from spinlm.modeling import autocast_context, enable_gradient_checkpointing, load_model, load_tokenizer, master_dtype
+from spinlm.seeding import GLOBAL, seed_for
 
 if TYPE_CHECKING:
     from spinlm.data.dataset import TokenizedExample
@@ -117,58 +118,9 @@ def train_sft(model, tokenizer, items: list[TokenizedExample], *, steps: int, ba
 
 # ----------------------------------------------------------------------------------------------- `spinlm sft`
 
-def _required(cfg: DictConfig, key: str) -> Any:
-    try:
-        value = OmegaConf.select(cfg, key, throw_on_missing=True)
-    except MissingMandatoryValue:
-        raise ConfigError([f"{key}: required for spinlm sft, but not set (pass {key}=...)"]) from None
-    if value is None:
-        raise ConfigError([f"{key}: required for spinlm sft, but it is null"])
-    return value
-
-
-def _check_sft_config(cfg: DictConfig) -> None:
-    s = cfg.sft
-    problems = []
-
-    def positive_int(key: str, value: Any, allow_none: bool = False) -> None:
-        if value is None and allow_none:
-            return
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            problems.append(f"{key}={value!r}: expected a positive integer{' or null' if allow_none else ''}")
-
-    positive_int("sft.steps", s.steps)
-    positive_int("sft.batch_size", s.batch_size)
-    positive_int("sft.max_examples", s.max_examples, allow_none=True)
-    positive_int("data.val_max_samples", cfg.data.val_max_samples, allow_none=True)
-    if isinstance(s.lr, bool) or not isinstance(s.lr, (int, float)) or not s.lr > 0:
-        problems.append(f"sft.lr={s.lr!r}: expected a number > 0")
-    if isinstance(s.warmup_ratio, bool) or not isinstance(s.warmup_ratio, (int, float)) \
-            or not 0 <= s.warmup_ratio < 1:
-        problems.append(f"sft.warmup_ratio={s.warmup_ratio!r}: expected a number in [0, 1)")
-    if cfg.model.dtype not in DTYPES:
-        problems.append(f"model.dtype={cfg.model.dtype!r}: expected one of {' | '.join(DTYPES)}")
-    if cfg.trainer.device not in ("auto", "cpu", "cuda"):
-        problems.append(f"trainer.device={cfg.trainer.device!r}: expected auto | cpu | cuda")
-    if cfg.trainer.device == "cuda" and not torch.cuda.is_available():
-        problems.append("trainer.device=cuda: no CUDA device is available (use auto or cpu)")
-    if problems:
-        raise ConfigError(problems)
-
-
-def _paths(value: Any) -> list[str]:
-    return [str(value)] if isinstance(value, (str, Path)) else [str(v) for v in value]
-
-
 def _load_model_and_tokenizer(cfg: DictConfig, device: torch.device):
-    model_path = str(_required(cfg, "model.path"))
+    model_path = str(cfg.model.path)
     tok_path = str(cfg.model.tokenizer_path or model_path)
-    for key, path in (("model.path", model_path), ("model.tokenizer_path", tok_path)):
-        # A hub id is "name" or "org/name"; anything else is meant as a local folder, so say so plainly.
-        looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1
-        if looks_local and not Path(path).expanduser().is_dir():
-            raise ConfigError([f"{key}={path!r}: no such directory (for the bundled task run "
-                               f"`spinlm task build` first)"])
     try:
         tokenizer = load_tokenizer(tok_path, cfg.model.trust_remote_code)
         model = load_model(model_path, dtype=master_dtype(cfg.model.dtype), attn_implementation=cfg.model.attn_implementation,
@@ -180,28 +132,13 @@ def _load_model_and_tokenizer(cfg: DictConfig, device: torch.device):
     return model, tokenizer
 
 
-def _load_items(cfg: DictConfig, files_key: str, tokenizer, limit: int | None) -> list[TokenizedExample]:
-    from spinlm.data.dataset import tokenize_examples
-    from spinlm.data.formats import load_examples
-
-    examples, _ = load_examples(_paths(_required(cfg, files_key)), cfg.data.format,
-                                skip_bad_rows=cfg.data.skip_bad_rows,
-                                default_data_source=cfg.data.default_data_source)
-    if limit is not None:
-        examples = examples[:limit]
-    items, _ = tokenize_examples(examples, tokenizer, max_prompt_length=cfg.data.max_prompt_length,
-                                 max_response_length=cfg.data.max_response_length,
-                                 truncation=cfg.data.truncation)
-    return items
-
-
 def run_sft_from_config(cfg: DictConfig) -> dict[str, Any]:
     """`spinlm sft`: load model and data, train, save model + tokenizer to sft.output_dir.
 
     Returns a summary: steps, final_loss (mean of the last 10 steps), seconds, output_dir, and, when
     data.val_files is set, val/acc before and after (greedy exact match with the configured reward).
     """
-    _check_sft_config(cfg)
+    validate_sft(cfg)  # every rule, before anything heavy
     if cfg.trainer.threads:
         torch.set_num_threads(int(cfg.trainer.threads))
     want = cfg.trainer.device
@@ -209,7 +146,8 @@ def run_sft_from_config(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.sft.output_dir or Path(cfg.trainer.output_dir) / "sft")
 
     model, tokenizer = _load_model_and_tokenizer(cfg, device)
-    train_items = _load_items(cfg, "data.train_files", tokenizer, cfg.sft.max_examples)
+    train_items, _ = load_items(cfg.data, tokenizer, cfg.data.train_files, need_response=False,
+                                limit=cfg.sft.max_examples)
     _check_items(train_items)
     print(f"sft: {len(train_items)} training examples, {cfg.sft.steps} steps of {cfg.sft.batch_size}, "
           f"device {device}")
@@ -220,7 +158,7 @@ def run_sft_from_config(cfg: DictConfig) -> dict[str, Any]:
         from spinlm.evaluate import evaluate_accuracy
         from spinlm.rewards import get_reward_fn
 
-        val_items = _load_items(cfg, "data.val_files", tokenizer, cfg.data.val_max_samples)
+        val_items = load_val_items(cfg.data, tokenizer)  # the prompts the trainer's val/acc scores
         reward_fn = get_reward_fn(cfg.reward)
 
         def accuracy() -> float:
@@ -234,7 +172,7 @@ def run_sft_from_config(cfg: DictConfig) -> dict[str, Any]:
 
     start = time.perf_counter()
     losses = train_sft(model, tokenizer, train_items, steps=cfg.sft.steps, batch_size=cfg.sft.batch_size,
-                       lr=float(cfg.sft.lr), warmup_ratio=float(cfg.sft.warmup_ratio), seed=cfg.trainer.seed,
+                       lr=float(cfg.sft.lr), warmup_ratio=float(cfg.sft.warmup_ratio), seed=seed_for(cfg, GLOBAL),
                        log_every=max(1, cfg.sft.steps // 10),
                        autocast=lambda: autocast_context(cfg.model.dtype, device))
     summary.update(steps=len(losses), final_loss=sum(losses[-10:]) / len(losses[-10:]),

@@ -33,6 +33,8 @@ from spinlm.rewards.reward_model import WeightedReward
 from spinlm.rollout.hf_rollout import SamplingParams
 from spinlm.run_dir import (RunDir, TrainerState, read_pairs, save_checkpoint, write_pairs,
                             write_round_table)
+from spinlm.seeding import (EPOCH_ORDER, EVAL_GREEDY, EVAL_SAMPLE, ONLINE_GENERATE, ROUND_PROMPTS, SPIN_GENERATE,
+                             SPIN_PAIR_ORDER, seed_for)
 from spinlm.workers.dp_actor import LossSettings
 
 
@@ -110,7 +112,7 @@ class SpinTrainer:
                                 [it.example.origin for it in items], [None] * len(items), [None] * len(items))
             rollout_metrics = {"rollout/given_pairs": float(len(items))}
         else:
-            rollout = self.rollout(items, self.sampling(n=1), self.seed_for(t, 0), f"round {t + 1} generate")
+            rollout = self.rollout(items, self.sampling(n=1), seed_for(cfg, SPIN_GENERATE, t), f"round {t + 1} generate")
             with self.timer("judge"):
                 judged, rollout_metrics = self.judge_against_ground_truth(items, rollout)
         self.write_pairs(t, judged)
@@ -129,7 +131,8 @@ class SpinTrainer:
         with self.timer("update"):
             bar = tqdm(total=steps_per_epoch * cfg.trainer.epochs_per_round, desc=f"round {t + 1} train", leave=False)
             for epoch in range(cfg.trainer.epochs_per_round):
-                order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(self.seed_for(t, 1 + epoch)))
+                generator = torch.Generator().manual_seed(seed_for(cfg, SPIN_PAIR_ORDER, t, epoch))
+                order = torch.randperm(len(pairs), generator=generator)
                 for s in range(0, len(pairs), batch):
                     idx = order[s : s + batch].tolist()
                     last = self.train_step(t, pairs.select(idx), ref_chosen[idx], ref_rejected[idx])
@@ -170,8 +173,8 @@ class SpinTrainer:
         rewards: list[float] = []
         for _ in tqdm(range(steps), desc=f"round {t + 1} steps", leave=False):
             items = self.step_items(self.state.global_step)
-            rollout = self.rollout(items, self.sampling(n=cfg.rollout.n), self.seed_for(t, self.state.global_step),
-                                   "generate")
+            rollout = self.rollout(items, self.sampling(n=cfg.rollout.n),
+                                   seed_for(cfg, ONLINE_GENERATE, t, self.state.global_step), "generate")
             with self.timer("judge"):
                 judged, rollout_metrics = self.judge_by_reward(items, rollout)
             all_pairs.append(judged)
@@ -307,15 +310,11 @@ class SpinTrainer:
         return SamplingParams(n=n, max_new_tokens=self.cfg.data.max_response_length, temperature=r.temperature,
                               top_p=r.top_p, top_k=r.top_k)
 
-    def seed_for(self, t: int, k: int) -> int:
-        """A seed per (round, purpose): a resumed run draws exactly what an uninterrupted one would."""
-        return (self.cfg.trainer.seed + self.cfg.rollout.seed_offset) * 1_000_003 + t * 10_007 + k
-
     def round_items(self, t: int):
         """The round's prompts: a seeded permutation of the training set, `data.prompts_per_round` of them."""
         k = self.cfg.data.prompts_per_round or len(self.train_items)
         order = list(range(len(self.train_items)))
-        random.Random(self.seed_for(t, -1)).shuffle(order)
+        random.Random(seed_for(self.cfg, ROUND_PROMPTS, t)).shuffle(order)
         return [self.train_items[i] for i in order[:k]]
 
     def step_items(self, step: int):
@@ -331,7 +330,7 @@ class SpinTrainer:
     @functools.lru_cache(maxsize=2)
     def epoch_order(self, epoch: int) -> list[int]:
         order = list(range(len(self.train_items)))
-        random.Random(self.cfg.trainer.seed * 7919 + epoch).shuffle(order)
+        random.Random(seed_for(self.cfg, EPOCH_ORDER, epoch)).shuffle(order)
         return order
 
     def with_history(self, t: int, pairs: Pairs) -> Pairs:
@@ -354,12 +353,13 @@ class SpinTrainer:
         prompts = [it.prompt_ids for it in self.val_items]
         with self.timer("eval"):
             keys = list(range(len(prompts)))  # a val prompt's key is its position in the val set
-            rollout = self.workers.generate(prompts, SamplingParams(max_new_tokens=self.cfg.data.max_response_length,
-                                                                    greedy=True), seed=0, keys=keys, desc="eval")
+            greedy = SamplingParams(max_new_tokens=self.cfg.data.max_response_length, greedy=True)
+            rollout = self.workers.generate(prompts, greedy, seed=seed_for(self.cfg, EVAL_GREEDY), keys=keys, desc="eval")
             metrics = accuracy_metrics(self.val_items, [r[0] for r in rollout.responses], self.tokenizer, self.reward_fn)
             k = self.cfg.trainer.val_pass_k
             if k:  # the same seed every round: rounds are compared on the same random draws
-                sampled = self.workers.generate(prompts, self.sampling(n=k), seed=1, keys=keys, desc=f"eval pass@{k}")
+                sampled = self.workers.generate(prompts, self.sampling(n=k), seed=seed_for(self.cfg, EVAL_SAMPLE),
+                                                keys=keys, desc=f"eval pass@{k}")
                 metrics.update(pass_at_k_metrics(self.val_items, sampled.responses, self.tokenizer, self.reward_fn, [k]))
             return metrics
 

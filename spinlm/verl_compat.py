@@ -13,11 +13,13 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
+from spinlm.choices import LOGGERS, RESUME_MODES, ROLLOUT_ENGINES, TRUNCATION_MODES
 from spinlm.run_dir import PAIRS_FILE, ROUNDS_DIR
 
 # The top-level sections that exist only in verl: any key under them is a verl key (known to the table or refused).
 VERL_ONLY_SECTIONS = ("actor_rollout_ref", "critic", "reward_model", "custom_reward_function", "ray_init")
-LOGGER_NAMES = ("console", "wandb", "tensorboard", "mlflow")
+# verl's trainer.logger names that spinlm has too (spinlm adds jsonl itself: the report reads it)
+LOGGER_NAMES = tuple(name for name in LOGGERS if name != "jsonl")
 
 
 class Refused(ValueError):
@@ -60,13 +62,13 @@ def _top_k(value):
 
 
 def _rollout_name(value):
-    if value in ("hf", "vllm"):
+    if value in ROLLOUT_ENGINES:
         return value
-    raise Refused(f"spinlm's rollout engines are hf and vllm, not {value!r}")
+    raise Refused(f"spinlm's rollout engines are {' and '.join(ROLLOUT_ENGINES)}, not {value!r}")
 
 
 def _resume_mode(value):
-    if value in ("auto", "disable"):
+    if value in RESUME_MODES:
         return value
     raise Refused("spinlm resumes from the run directory's last complete checkpoint (auto) or not at all (disable); "
                   "to start from a checkpoint, set actor_rollout_ref.model.path (model.path) to its HF folder")
@@ -91,7 +93,7 @@ def _test_freq(value) -> bool:
 
 def _truncation(value):
     if value == "middle":
-        raise Refused("spinlm truncates error | left | right | drop; middle is not supported")
+        raise Refused(f"spinlm truncates {' | '.join(TRUNCATION_MODES)}; middle is not supported")
     return value
 
 

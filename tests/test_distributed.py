@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 pytest.importorskip("ray")
 
 from spinlm.config import load_config, resolved  # noqa: E402
-from spinlm.main_spin import load_items  # noqa: E402
+from spinlm.data.items import load_items  # noqa: E402
 from spinlm.pairs import Pairs  # noqa: E402
 from spinlm.workers.dp_actor import LossSettings  # noqa: E402
 from spinlm.modeling import load_tokenizer  # noqa: E402
@@ -38,7 +38,7 @@ def three_steps(group, pairs: Pairs, batch: int) -> list[float]:
 def test_two_ray_ranks_match_one_in_process_rank(tiny_task, tmp_path):
     cfg = resolved(load_config([*SMOKE, f"trainer.output_dir={tmp_path}", "actor.lr=1e-3", "actor.eps=1e-3", "actor.warmup_ratio=0"]))
     tok = load_tokenizer(cfg.model.path)
-    items, _ = load_items(cfg, tok, cfg.data.train_files, need_response=True)
+    items, _ = load_items(cfg.data, tok, cfg.data.train_files, need_response=True)
     items = items[:48]  # 3 steps x 16 pairs
     rejected = [it.response_ids[: max(1, len(it.response_ids) // 2)] + [tok.eos_token_id] for it in items]
     pairs = Pairs([it.prompt_ids for it in items], [it.response_ids for it in items], rejected)

@@ -17,7 +17,8 @@ from spinlm.config_check import check_eval_config
 from spinlm.errors import UserError
 from spinlm.evaluate import pass_at_k_metrics
 from spinlm.evaluate_command import evaluate_path, find_checkpoints, format_table
-from spinlm.main_spin import load_val_items, run
+from spinlm.data.items import load_val_items
+from spinlm.main_spin import run
 from spinlm.rewards import get_reward_fn
 from spinlm.modeling import load_tokenizer
 
@@ -29,7 +30,7 @@ def smoke(tmp_path: Path, *extra: str):
 def test_pass_at_k_metrics_from_scored_samples(tiny_task, tmp_path):
     cfg = smoke(tmp_path, "data.val_max_samples=2")
     tok = load_tokenizer(str(tiny_task / "sft_model"))
-    items = load_val_items(cfg, tok)
+    items = load_val_items(cfg.data, tok)
     right = lambda it: tok(f"so #### {it.example.ground_truth}").input_ids  # noqa: E731
     wrong = tok("so #### -1").input_ids
     samples = [[right(items[0]), wrong, wrong, wrong], [wrong, wrong, wrong, wrong]]  # 1 of 4, 0 of 4 correct

@@ -10,7 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from spinlm.config import load_config, resolved
-from spinlm.main_spin import load_items, run
+from spinlm.data.items import load_items
+from spinlm.main_spin import run
 from spinlm.pairs import Pairs
 from spinlm.workers.dp_actor import LossSettings
 from spinlm.workers.fsdp_workers import PolicyWorker
@@ -33,7 +34,7 @@ def test_adapter_trains_merges_exactly_and_becomes_the_opponent(tiny_task, tmp_p
     # rank 4 on q, k, v, o (128 -> 128), gate, up (128 -> 384), down (384 -> 128), 4 layers: 4 * (4 * 4 * 256 + 3 * 4 * 512)
     assert sum(trainable.values()) == 4 * (4 * 4 * 256 + 3 * 4 * 512) == 40960
 
-    items, _ = load_items(cfg, worker.tokenizer, cfg.data.train_files, need_response=True)
+    items, _ = load_items(cfg.data, worker.tokenizer, cfg.data.train_files, need_response=True)
     items = items[:8]
     prompts, chosen = [it.prompt_ids for it in items], [it.response_ids for it in items]
     rejected = [it.response_ids[:-3] + [worker.tokenizer.eos_token_id] for it in items]

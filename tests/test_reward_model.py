@@ -11,7 +11,8 @@ from spinlm.config import load_config
 from spinlm.config_check import check_config
 from spinlm.data.formats import load_examples
 from spinlm.errors import UserError
-from spinlm.main_spin import load_val_items, run
+from spinlm.data.items import load_val_items
+from spinlm.main_spin import run
 from spinlm.rewards import get_reward_fn
 from spinlm.rewards.reward_model import RewardModel, WeightedReward
 from spinlm.modeling import load_tokenizer
@@ -51,7 +52,7 @@ def test_batched_scores_equal_a_plain_forward_of_each_sample(reward_model_dir):
 
 def test_weighted_reward_adds_rule_and_model_scores(reward_model_dir, tiny_task):
     cfg = load_config(["preset=smoke", "data.val_max_samples=2"])
-    items = load_val_items(cfg, load_tokenizer(str(tiny_task / "sft_model")))
+    items = load_val_items(cfg.data, load_tokenizer(str(tiny_task / "sft_model")))
     texts = [f"so #### {items[0].example.ground_truth}", "so #### -1"]  # rule reward 1, then 0
     rm = RewardModel(str(reward_model_dir), device="cpu")
     model_scores = rm.score([it.example.prompt for it in items], texts)

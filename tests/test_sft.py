@@ -145,3 +145,51 @@ def test_spinlm_sft_config_errors_name_the_key(problems, tokenizer, tmp_path):
     with pytest.raises(DataError, match=r"prompts.parquet:0: SFT needs a ground-truth response"):
         run_sft_from_config(load_config([f"model.path={model_dir}", f"data.train_files={path}",
                                          "data.val_files=null", "trainer.device=cpu"]))
+
+
+def _config_only_model(path) -> str:
+    """A model folder with config.json and nothing else: loading it would fail, so a check that passes the config
+    and still stops the command must have stopped it before any model loaded."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=2, max_position_embeddings=256).save_pretrained(path)
+    return str(path)
+
+
+def test_spinlm_sft_checks_its_config_before_loading_anything(problems, tmp_path):
+    model = _config_only_model(tmp_path / "model")
+    train = _write(to_rows(problems[:4], "train"), tmp_path / "train.parquet")
+    base = [f"model.path={model}", f"data.train_files={train}", f"trainer.output_dir={tmp_path}/run"]
+    with pytest.raises(ConfigError) as err:
+        run_sft_from_config(load_config(base + ["sft.stepz=5", "sft.lr=fast", "data.val_max_samples=0"]))
+    assert err.value.problems == ["sft.stepz=5: unknown key; did you mean sft.steps?",
+                                  "sft.lr=fast: expected a number (the default is 0.001)",
+                                  "data.val_max_samples=0: must be null or >= 1"]
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_spinlm_sft_command_prints_the_config_problem(problems, tmp_path, capsys):
+    from spinlm.cli import main
+
+    model = _config_only_model(tmp_path / "model")
+    train = _write(to_rows(problems[:4], "train"), tmp_path / "train.parquet")
+    code = main(["sft", f"model.path={model}", f"data.train_files={train}", f"trainer.output_dir={tmp_path}/run",
+                 "sft.batch_size=0"])
+    assert code == 2
+    assert capsys.readouterr().err == "spinlm sft: error:\n- sft.batch_size=0: must be >= 1\n"
+
+
+def test_sft_rules_are_not_the_training_rules(problems, tmp_path):
+    from spinlm.config_check import check_config, check_sft_config
+
+    model = _config_only_model(tmp_path / "model")
+    train = _write(to_rows(problems[:4], "train"), tmp_path / "train.parquet")
+    cfg = load_config([f"model.path={model}", f"data.train_files={train}", f"trainer.output_dir={tmp_path}/run",
+                       "trainer.train_batch_size=7", "algorithm.mode=online_dpo", "trainer.logger=[console,wandbb]"])
+    # batches, rollout.n and loggers are training's business: sft trains one model with its own sft.batch_size
+    assert check_sft_config(cfg) == []
+    assert len(check_config(cfg)) == 4  # and the generation budget, 512 + 512 tokens, is over the model's 256
+    cfg.sft.warmup_ratio = float("nan")  # the shared reading of the tree still applies
+    assert check_sft_config(cfg) == ["sft.warmup_ratio=.nan: must be a finite number (NaN and infinities are not "
+                                     "allowed)"]

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from spinlm.config import load_config, resolved
-from spinlm.main_spin import load_items, run
+from spinlm.data.items import load_items
+from spinlm.main_spin import run
 from spinlm.pairs import Pairs
 from spinlm.workers.dp_actor import LossSettings
 from spinlm.workers.fsdp_workers import PolicyWorker
@@ -97,7 +98,7 @@ def test_given_pairs_train_round_one_as_offline_dpo(tiny_task, tmp_path):
 def test_opponent_refresh_is_an_in_place_copy(tiny_task, tmp_path):
     cfg = resolved(smoke(tmp_path, "algorithm.mode=online_dpo", "rollout.n=2"))
     worker = PolicyWorker(cfg, cfg.model.path, keep_opponent=True)
-    items, _ = load_items(cfg, worker.tokenizer, cfg.data.train_files, need_response=True)
+    items, _ = load_items(cfg.data, worker.tokenizer, cfg.data.train_files, need_response=True)
     items = items[:8]
     prompts, chosen = [it.prompt_ids for it in items], [it.response_ids for it in items]
     rejected = [it.response_ids[:-3] + [worker.tokenizer.eos_token_id] for it in items]
@@ -151,7 +152,7 @@ def test_a_nan_grad_clip_skips_the_step_instead_of_writing_nan_weights(tiny_task
     clipped gradients are all NaN. The guard looks at the gradients after clipping."""
     cfg = resolved(smoke(tmp_path))
     worker = PolicyWorker(cfg, cfg.model.path, keep_opponent=False)
-    items, _ = load_items(cfg, worker.tokenizer, cfg.data.train_files, need_response=True)
+    items, _ = load_items(cfg.data, worker.tokenizer, cfg.data.train_files, need_response=True)
     items = items[:4]
     prompts, chosen = [it.prompt_ids for it in items], [it.response_ids for it in items]
     rejected = [it.response_ids[:-2] + [worker.tokenizer.eos_token_id] for it in items]
@@ -190,7 +191,7 @@ def test_a_sample_equal_to_the_ground_truth_is_never_a_rejected_response(tiny_ta
 
     cfg = resolved(smoke(tmp_path, f"algorithm.drop_identical_pairs={str(drop).lower()}"))
     tok = load_tokenizer(cfg.model.path)
-    items = load_items(cfg, tok, cfg.data.train_files, need_response=True)[0][:3]
+    items = load_items(cfg.data, tok, cfg.data.train_files, need_response=True)[0][:3]
     eos = tok.eos_token_id
     samples = [items[0].response_ids, tok("#### 0", add_special_tokens=False)["input_ids"] + [eos], [eos]]
     trainer = SpinTrainer(cfg, None, tok, items, [], get_reward_fn(cfg.reward), tmp_path, None, TrainerState())

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from spinlm.config import load_config, resolved
-from spinlm.main_spin import load_items, run
+from spinlm.data.items import load_items
+from spinlm.main_spin import run
 from spinlm.pairs import Pairs
 from spinlm.workers.dp_actor import LossSettings
 from spinlm.workers.fsdp_workers import PolicyWorker
@@ -39,7 +40,7 @@ def judge(tmp_path, *overrides):
     cfg = resolved(smoke(tmp_path, "algorithm.mode=online_dpo", "rollout.n=2", "algorithm.missing_eos_penalty=0.5",
                          *overrides))
     tok = load_tokenizer(cfg.model.path)
-    items = load_items(cfg, tok, cfg.data.train_files, need_response=True)[0][:3]
+    items = load_items(cfg.data, tok, cfg.data.train_files, need_response=True)[0][:3]
     enc = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     right = [enc(f"#### {it.example.ground_truth}") for it in items]
     wrong = enc("#### 99999")
@@ -69,7 +70,7 @@ def test_sft_on_correct_only_masks_wrong_chosen(tiny_task, tmp_path):
 def test_sft_mask_selects_the_chosen_responses_the_nll_trains_on(tiny_task, tmp_path):
     cfg = resolved(smoke(tmp_path))
     worker = PolicyWorker(cfg, cfg.model.path, keep_opponent=False)
-    items = load_items(cfg, worker.tokenizer, cfg.data.train_files, need_response=True)[0][:2]
+    items = load_items(cfg.data, worker.tokenizer, cfg.data.train_files, need_response=True)[0][:2]
     prompts, chosen = [it.prompt_ids for it in items], [it.response_ids for it in items]
     rejected = [c[:-2] + [worker.tokenizer.eos_token_id] for c in chosen]
     nll = -worker.sequence_logps(prompts, chosen) / torch.tensor([len(c) for c in chosen], dtype=torch.float32)

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from spinlm.choices import TRUNCATION_MODES
 from spinlm.data.example import DataError, Example
 from spinlm.data.tokenize import encode_prompt, encode_response, require_chat_template, truncate
-
-TRUNCATION_MODES = ("error", "left", "right", "drop")
 
 
 @dataclass

@@ -21,9 +21,9 @@ from typing import Any, Callable, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from spinlm.choices import DATA_FORMAT_CHOICES, DATA_FORMATS
 from spinlm.data.example import DataError, Example
 
-FORMATS = ("spin", "preference", "messages", "verl", "plain")
 EXTENSIONS = (".parquet", ".jsonl", ".json")
 ROLES = ("system", "user", "assistant")
 
@@ -44,7 +44,7 @@ REQUIRED_COLUMNS = {
 }
 
 
-class _BadRow(Exception):
+class BadRow(Exception):
     """One row failed validation; the loader adds file and row and decides whether to skip it."""
 
     def __init__(self, field: str, problem: str):
@@ -193,8 +193,8 @@ def detect_format(columns: set[str], first_row: dict, path: str) -> str:
 def _resolve_format(fmt: str, columns: set[str], first_row: dict | None, path: str) -> str:
     if fmt == "auto":
         return detect_format(columns, first_row or {}, path)
-    if fmt not in FORMATS:
-        raise DataError(f"data.format={fmt!r}: expected auto | {' | '.join(FORMATS)}")
+    if fmt not in DATA_FORMATS:
+        raise DataError(f"data.format={fmt!r}: expected {' | '.join(DATA_FORMAT_CHOICES)}")
     missing = REQUIRED_COLUMNS[fmt] - set(columns)
     if missing:
         raise DataError(f"{path}: data.format={fmt} needs {FORMAT_NEEDS[fmt]}; missing column(s) "
@@ -208,34 +208,34 @@ def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def _text(value: Any, field: str) -> str:
+def required_text(value: Any, field: str) -> str:
     """A required, non-empty string."""
     if not isinstance(value, str):
-        raise _BadRow(field, f"expected a string, got {_type_name(value)}")
+        raise BadRow(field, f"expected a string, got {_type_name(value)}")
     if not value.strip():
-        raise _BadRow(field, "expected a non-empty string, got an empty one")
+        raise BadRow(field, "expected a non-empty string, got an empty one")
     return value
 
 
-def _messages(value: Any, field: str) -> list[dict[str, str]]:
+def message_list(value: Any, field: str) -> list[dict[str, str]]:
     """A non-empty list of {role, content} dicts with known roles; extra keys are dropped."""
     if not isinstance(value, list):
-        raise _BadRow(field, f"expected a list of {{role, content}} messages, got {_type_name(value)}")
+        raise BadRow(field, f"expected a list of {{role, content}} messages, got {_type_name(value)}")
     if not value:
-        raise _BadRow(field, "expected a non-empty list of messages, got an empty list")
+        raise BadRow(field, "expected a non-empty list of messages, got an empty list")
     out = []
     for i, msg in enumerate(value):
         where = f"{field}[{i}]"
         if not isinstance(msg, dict):
-            raise _BadRow(where, f"expected a {{role, content}} dict, got {_type_name(msg)}")
+            raise BadRow(where, f"expected a {{role, content}} dict, got {_type_name(msg)}")
         role = msg.get("role")
         if not isinstance(role, str):
-            raise _BadRow(f"{where}.role", f"expected a string, got {_type_name(role)}")
+            raise BadRow(f"{where}.role", f"expected a string, got {_type_name(role)}")
         if role not in ROLES:
-            raise _BadRow(f"{where}.role", f"expected one of {', '.join(ROLES)}, got {role!r}")
+            raise BadRow(f"{where}.role", f"expected one of {', '.join(ROLES)}, got {role!r}")
         content = msg.get("content")
         if not isinstance(content, str):
-            raise _BadRow(f"{where}.content", f"expected a string, got {_type_name(content)}")
+            raise BadRow(f"{where}.content", f"expected a string, got {_type_name(content)}")
         out.append({"role": role, "content": content})
     return out
 
@@ -244,60 +244,61 @@ def _last_assistant(messages: list[dict[str, str]], field: str) -> str:
     """Content of the final turn, which must be a non-empty assistant turn."""
     last = len(messages) - 1
     if messages[last]["role"] != "assistant":
-        raise _BadRow(f"{field}[{last}].role", f"expected the last turn to be 'assistant', "
+        raise BadRow(f"{field}[{last}].role", f"expected the last turn to be 'assistant', "
                                                f"got {messages[last]['role']!r}")
-    return _text(messages[last]["content"], f"{field}[{last}].content")
+    return required_text(messages[last]["content"], f"{field}[{last}].content")
 
 
 def _prompt(value: Any, field: str) -> list[dict[str, str]]:
     """A prompt given as a string (one user turn) or as a message list."""
     if isinstance(value, str):
-        return [{"role": "user", "content": _text(value, field)}]
+        return [{"role": "user", "content": required_text(value, field)}]
     if isinstance(value, list):
-        return _messages(value, field)
-    raise _BadRow(field, f"expected a string or a message list, got {_type_name(value)}")
+        return message_list(value, field)
+    raise BadRow(field, f"expected a string or a message list, got {_type_name(value)}")
 
 
 def _answer(value: Any, field: str) -> str:
     """A response given as a string or as a message list ending in the assistant turn (TRL)."""
     if isinstance(value, str):
-        return _text(value, field)
+        return required_text(value, field)
     if isinstance(value, list):
-        return _last_assistant(_messages(value, field), field)
-    raise _BadRow(field, f"expected a string or a message list, got {_type_name(value)}")
+        return _last_assistant(message_list(value, field), field)
+    raise BadRow(field, f"expected a string or a message list, got {_type_name(value)}")
 
 
-def _from_messages(row: dict) -> Example:
-    msgs = _messages(row.get("messages"), "messages")
+def from_messages_row(row: dict) -> Example:
+    """A ``messages`` row: the turns before the last assistant turn are the prompt, that turn the response."""
+    msgs = message_list(row.get("messages"), "messages")
     idx = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
     if idx is None:
-        raise _BadRow("messages", "expected at least one 'assistant' turn, found none")
+        raise BadRow("messages", "expected at least one 'assistant' turn, found none")
     if idx == 0:
-        raise _BadRow("messages", "expected prompt turns before the last 'assistant' turn, found none")
-    return Example(prompt=msgs[:idx], response=_text(msgs[idx]["content"], f"messages[{idx}].content"))
+        raise BadRow("messages", "expected prompt turns before the last 'assistant' turn, found none")
+    return Example(prompt=msgs[:idx], response=required_text(msgs[idx]["content"], f"messages[{idx}].content"))
 
 
 def _from_verl(row: dict) -> Example:
-    prompt = _messages(row.get("prompt"), "prompt")
+    prompt = message_list(row.get("prompt"), "prompt")
     if row.get("response") is not None:
-        response = _text(row["response"], "response")
+        response = required_text(row["response"], "response")
     else:
         extra = row.get("extra_info")
         answer = extra.get("answer") if isinstance(extra, dict) else None
-        response = _text(answer, "extra_info.answer") if answer is not None else None
+        response = required_text(answer, "extra_info.answer") if answer is not None else None
     return Example(prompt=prompt, response=response)
 
 
 def _from_spin(row: dict) -> Example:
-    real = _messages(row.get("real"), "real")
-    generated = _messages(row.get("generated"), "generated")
+    real = message_list(row.get("real"), "real")
+    generated = message_list(row.get("generated"), "generated")
     response = _last_assistant(real, "real")
     rejected = _last_assistant(generated, "generated")
     prompt = real[:-1]
     if not prompt:
-        raise _BadRow("real", "expected prompt turns before the last 'assistant' turn, found none")
+        raise BadRow("real", "expected prompt turns before the last 'assistant' turn, found none")
     if len(generated) > 1 and generated[:-1] != prompt:
-        raise _BadRow("generated", "its turns before the last one differ from those of 'real' "
+        raise BadRow("generated", "its turns before the last one differ from those of 'real' "
                                    "(the pair must share the prompt)")
     return Example(prompt=prompt, response=response, rejected=rejected)
 
@@ -308,13 +309,13 @@ def _from_preference(row: dict) -> Example:
 
 
 def _from_plain(row: dict) -> Example:
-    prompt = [{"role": "user", "content": _text(row.get("prompt"), "prompt")}]
-    response = _text(row["response"], "response") if "response" in row else None
+    prompt = [{"role": "user", "content": required_text(row.get("prompt"), "prompt")}]
+    response = required_text(row["response"], "response") if "response" in row else None
     return Example(prompt=prompt, response=response)
 
 
 _CONVERTERS: dict[str, Callable[[dict], Example]] = {
-    "spin": _from_spin, "preference": _from_preference, "messages": _from_messages,
+    "spin": _from_spin, "preference": _from_preference, "messages": from_messages_row,
     "verl": _from_verl, "plain": _from_plain,
 }
 
@@ -324,14 +325,14 @@ def _ground_truth(row: dict) -> str | None:
     if rm is None:
         return None
     if not isinstance(rm, dict):
-        raise _BadRow("reward_model", f"expected a dict with 'ground_truth', got {_type_name(rm)}")
+        raise BadRow("reward_model", f"expected a dict with 'ground_truth', got {_type_name(rm)}")
     gt = rm.get("ground_truth")
     if gt is None:
         return None
     if isinstance(gt, bool) or not isinstance(gt, (str, int, float)):
-        raise _BadRow("reward_model.ground_truth", f"expected a string or a number, got {_type_name(gt)}")
+        raise BadRow("reward_model.ground_truth", f"expected a string or a number, got {_type_name(gt)}")
     if isinstance(gt, float) and not math.isfinite(gt):
-        raise _BadRow("reward_model.ground_truth", f"expected a finite number, got {gt}")
+        raise BadRow("reward_model.ground_truth", f"expected a finite number, got {gt}")
     return str(gt)
 
 
@@ -343,11 +344,11 @@ def _row_to_example(row: dict, fmt: str, default_data_source: str) -> Example:
     if data_source is None:
         ex.data_source = default_data_source
     else:
-        ex.data_source = _text(data_source, "data_source")
+        ex.data_source = required_text(data_source, "data_source")
     ex.ground_truth = _ground_truth(row)
     extra = row.get("extra_info")
     if extra is not None and not isinstance(extra, dict):
-        raise _BadRow("extra_info", f"expected a dict, got {_type_name(extra)}")
+        raise BadRow("extra_info", f"expected a dict, got {_type_name(extra)}")
     ex.extra_info = extra or {}
     return ex
 
@@ -381,7 +382,7 @@ def load_examples(paths: str | list[str], fmt: str = "auto", *, skip_bad_rows: b
         for i, row in enumerate(rows):
             try:
                 ex = _row_to_example(row, file_fmt, default_data_source)
-            except _BadRow as bad:
+            except BadRow as bad:
                 if not skip_bad_rows:
                     raise DataError(f"{path}: row {i}: {bad} ({file_fmt} format; set data.skip_bad_rows=true "
                                     f"to skip bad rows)") from None

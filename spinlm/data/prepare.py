@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from spinlm.data.example import DataError
-from spinlm.data.formats import _BadRow, _from_messages, _messages, _text, read_rows
+from spinlm.data.formats import BadRow, from_messages_row, message_list, read_rows, required_text
 
 # verl's examples/data_preprocess/gsm8k.py appends exactly this to each question
 GSM8K_INSTRUCTION = 'Let\'s think step by step and output the final answer after "####".'
@@ -29,13 +29,13 @@ DATA_SOURCES = {"gsm8k": "openai/gsm8k", "ultrachat": "HuggingFaceH4/ultrachat_2
 
 
 def _gsm8k(row: dict, instruction: str) -> dict[str, Any]:
-    question = _text(row.get("question"), "question")
-    answer = _text(row.get("answer"), "answer")
+    question = required_text(row.get("question"), "question")
+    answer = required_text(row.get("answer"), "answer")
     if "####" not in answer:
-        raise _BadRow("answer", "expected a worked solution ending in '#### <number>', found no '####'")
+        raise BadRow("answer", "expected a worked solution ending in '#### <number>', found no '####'")
     final = answer.split("####")[-1].strip().replace(",", "")
     if not final:
-        raise _BadRow("answer", "nothing after the last '####' (expected the final number)")
+        raise BadRow("answer", "nothing after the last '####' (expected the final number)")
     content = f"{question} {instruction}" if instruction else question
     return {"prompt": [{"role": "user", "content": content}], "ability": "math",
             "reward_model": {"style": "rule", "ground_truth": final},
@@ -43,14 +43,14 @@ def _gsm8k(row: dict, instruction: str) -> dict[str, Any]:
 
 
 def _ultrachat(row: dict, instruction: str) -> dict[str, Any]:
-    msgs = _messages(row.get("messages"), "messages")
+    msgs = message_list(row.get("messages"), "messages")
     user = next((i for i, m in enumerate(msgs) if m["role"] == "user"), None)
     if user is None:
-        raise _BadRow("messages", "expected a 'user' turn, found none")
+        raise BadRow("messages", "expected a 'user' turn, found none")
     if user + 1 >= len(msgs) or msgs[user + 1]["role"] != "assistant":
-        raise _BadRow(f"messages[{user + 1}]", "expected the first user turn to be answered by an 'assistant' turn")
-    _text(msgs[user]["content"], f"messages[{user}].content")
-    answer = _text(msgs[user + 1]["content"], f"messages[{user + 1}].content")
+        raise BadRow(f"messages[{user + 1}]", "expected the first user turn to be answered by an 'assistant' turn")
+    required_text(msgs[user]["content"], f"messages[{user}].content")
+    answer = required_text(msgs[user + 1]["content"], f"messages[{user + 1}].content")
     extra = {"answer": answer}
     if isinstance(row.get("prompt_id"), str):
         extra["prompt_id"] = row["prompt_id"]
@@ -59,17 +59,17 @@ def _ultrachat(row: dict, instruction: str) -> dict[str, Any]:
 
 
 def _chat(row: dict, instruction: str) -> dict[str, Any]:
-    chat = _from_messages(row)  # the loader's own split: turns before the last assistant turn, and that turn
+    chat = from_messages_row(row)  # the loader's own split: turns before the last assistant turn, and that turn
     rm = row.get("reward_model")
     ground_truth = rm.get("ground_truth") if isinstance(rm, dict) else None
     if ground_truth is not None and (isinstance(ground_truth, bool) or not isinstance(ground_truth, (str, int, float))):
-        raise _BadRow("reward_model.ground_truth", f"expected a string or a number, got {type(ground_truth).__name__}")
+        raise BadRow("reward_model.ground_truth", f"expected a string or a number, got {type(ground_truth).__name__}")
     out = {"prompt": chat.prompt, "ability": "chat",
            "reward_model": {"style": "rule" if ground_truth is not None else "model",
                             "ground_truth": None if ground_truth is None else str(ground_truth)},
            "extra_info": {"answer": chat.response}}
     if row.get("data_source") is not None:
-        out["data_source"] = _text(row["data_source"], "data_source")
+        out["data_source"] = required_text(row["data_source"], "data_source")
     return out
 
 
@@ -95,7 +95,7 @@ def prepare(kind: str, input_path: str, output_path: str, *, split: str = "train
     for i, row in enumerate(rows[:limit] if limit else rows):
         try:
             converted = CONVERTERS[kind](row, instruction)
-        except _BadRow as bad:
+        except BadRow as bad:
             raise DataError(f"{input_path}: row {i}: {bad} (spinlm prepare {kind})") from None
         source = data_source or converted.pop("data_source", None) or DATA_SOURCES[kind]
         converted.pop("data_source", None)

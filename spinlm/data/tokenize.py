@@ -6,6 +6,7 @@ what the rollout engine emits before it stops). Nothing is ever re-rendered as a
 """
 from __future__ import annotations
 
+from spinlm.choices import TRUNCATION_MODES
 from spinlm.data.example import DataError
 
 
@@ -53,4 +54,4 @@ def truncate(ids: list[int], limit: int, mode: str, where: str, what: str) -> li
         return ids[-limit:]
     if mode == "right":
         return ids[:limit]
-    raise DataError(f"data.truncation={mode!r}: expected error | left | right | drop")
+    raise DataError(f"data.truncation={mode!r}: expected {' | '.join(TRUNCATION_MODES)}")

@@ -18,6 +18,7 @@ import sys
 import threading
 from typing import Any, Callable, Iterable, Mapping
 
+from spinlm.choices import GSM8K_METHODS
 from spinlm.errors import UserError
 from spinlm.rewards import exact_match, gsm8k, math_boxed
 
@@ -57,7 +58,6 @@ GSM8K_SOURCES = ("openai/gsm8k", "gsm8k", "tiny_arith")
 MATH_SOURCES = ("lighteval/MATH", "DigitalLearningGmbH/MATH-lighteval", "math", "math_dapo")
 EXACT_SOURCES = ("exact_match",)
 KNOWN_DATA_SOURCES = GSM8K_SOURCES + MATH_SOURCES + EXACT_SOURCES
-GSM8K_METHODS = ("strict", "flexible")
 
 
 def _cfg_get(cfg: Mapping | Any, key: str, default: Any = None) -> Any:

@@ -26,12 +26,14 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.tensor import DTensor
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 
+from spinlm.choices import LR_SCHEDULERS, OPTIMIZERS
 from spinlm.crash_points import crash_point
 from spinlm.modeling import (DTYPES, MIXED_PRECISION, autocast_context, disable_dropout,
                              enable_gradient_checkpointing, eos_ids_of, load_model, load_tokenizer, master_dtype,
                              pick_device, resolve_attn_implementation)
 from spinlm.pairs import Pairs
 from spinlm.rollout.hf_rollout import Rollout, SamplingParams, generate
+from spinlm.seeding import GLOBAL, VLLM_ENGINE, seed_for
 from spinlm.workers.dp_actor import DataParallelActor, LossSettings
 from spinlm.workers.logprobs import ResponseLogProbs, pack_sequences
 from spinlm.workers.lora import add_adapter, merge_into_base, plain_state_dict
@@ -90,10 +92,12 @@ def build_optimizer(params, actor_cfg) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, lr=actor_cfg.lr, betas=tuple(actor_cfg.betas), eps=actor_cfg.eps)
     if actor_cfg.optimizer == "rmsprop":  # the SPIN paper's optimizer
         return torch.optim.RMSprop(groups, lr=actor_cfg.lr, eps=actor_cfg.eps)
-    raise ValueError(f"actor.optimizer={actor_cfg.optimizer!r}: expected adamw | rmsprop")
+    raise ValueError(f"actor.optimizer={actor_cfg.optimizer!r}: expected {' | '.join(OPTIMIZERS)}")
 
 
 def build_scheduler(optimizer, kind: str, total_steps: int, warmup_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
+    if kind not in LR_SCHEDULERS:
+        raise ValueError(f"actor.lr_scheduler={kind!r}: expected {' | '.join(LR_SCHEDULERS)}")
     warmup = int(math.ceil(warmup_ratio * total_steps))
 
     def factor(step: int) -> float:
@@ -125,7 +129,7 @@ class PolicyWorker:
         self.offload_opponent = cfg.actor.opponent_offload and self.device.type != "cpu"
         self.policy = self._load(model_path)
         self.model = self.policy.model  # the Hugging Face model inside (with LoRA: the adapter is injected into it)
-        self.peft = add_adapter(self.model, cfg, seed=cfg.trainer.seed) if cfg.model.lora.rank > 0 else None
+        self.peft = add_adapter(self.model, cfg, seed=seed_for(cfg, GLOBAL)) if cfg.model.lora.rank > 0 else None
         if self.peft is not None and cfg.model.gradient_checkpointing:  # frozen embeddings: checkpointed blocks need
             self.model.enable_input_require_grads()                     # an input that requires grad
         # With LoRA the opponent is the base model with the adapter off: no second copy. algorithm.reference=initial
@@ -149,7 +153,7 @@ class PolicyWorker:
         return VllmRollout(model_path, dtype=c.dtype, max_model_len=self.cfg.data.max_prompt_length
                            + self.cfg.data.max_response_length, gpu_memory_utilization=r.gpu_memory_utilization,
                            enforce_eager=r.vllm_enforce_eager, sleep=r.vllm_sleep,
-                           seed=self.cfg.trainer.seed + self.rank, distributed=self.distributed, device=self.device,
+                           seed=seed_for(self.cfg, VLLM_ENGINE, self.rank), distributed=self.distributed, device=self.device,
                            trust_remote_code=c.trust_remote_code)
 
     def _load(self, path: str, frozen: bool = False) -> ResponseLogProbs:
@@ -186,7 +190,7 @@ class PolicyWorker:
         opponent: nothing to do."""
         if self.peft is not None:
             merge_into_base(self.peft)
-            self.peft = add_adapter(self.model, self.cfg, seed=self.cfg.trainer.seed)
+            self.peft = add_adapter(self.model, self.cfg, seed=seed_for(self.cfg, GLOBAL))
             if self.scheduler is not None:
                 position = self.scheduler.state_dict()
                 self.start_schedule(self.total_steps)

@@ -20,6 +20,7 @@ from spinlm.config import world_size_of
 from spinlm.errors import UserError
 from spinlm.pairs import Pairs
 from spinlm.rollout.hf_rollout import Rollout
+from spinlm.seeding import GLOBAL, seed_for
 from spinlm.workers.dp_actor import LossSettings
 
 MEAN_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -139,7 +140,7 @@ class RankActor:
             torch.set_num_threads(cfg.trainer.threads)
         backend = "nccl" if torch.cuda.is_available() and cfg.trainer.n_gpus_per_node > 0 else "gloo"
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
-        torch.manual_seed(cfg.trainer.seed)
+        torch.manual_seed(seed_for(cfg, GLOBAL))
         self.worker = PolicyWorker(cfg, model_path, keep_opponent=keep_opponent)
 
     def call(self, method: str, *args, **kwargs):
