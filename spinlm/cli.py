@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
@@ -179,6 +180,15 @@ def _on_sigterm(signum, frame) -> None:
     raise Terminated()
 
 
+def disk_full(exc: BaseException | None) -> bool:
+    """ENOSPC anywhere in the exception's chain; safetensors and torch.save wrap it in their own error types."""
+    while exc is not None:
+        if getattr(exc, "errno", None) == errno.ENOSPC or "No space left on device" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)  # stop as Ctrl-C does, not with -15 and no word
@@ -203,6 +213,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"spinlm {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # only a full disk is answered here; everything else propagates as it was
+        if args.debug or not disk_full(exc):
+            raise
+        kept = (" The checkpoint being written was discarded and the last complete one is kept: free space and run "
+                "the same command again to resume." if args.command == "train" else " Free space and run it again.")
+        print(f"spinlm {args.command}: error: the disk is full ({type(exc).__name__}: {exc}).{kept}", file=sys.stderr)
+        return 2
     finally:
         logger.removeHandler(console)
 

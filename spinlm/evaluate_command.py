@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 from spinlm.config import ConfigError, default_config, load_config, load_run_config, resolved
 from spinlm.errors import UserError
+from spinlm.extras import missing_extra
 from spinlm.run_dir import CHECKPOINTS_DIR, STATE_FILE, RunDir, complete_checkpoints, run_dir_of_checkpoint
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,9 @@ def evaluate_model_dir(cfg, model_path: Path, val_items_for) -> dict[str, float]
                        device=device, trust_remote_code=cfg.model.trust_remote_code).eval()
     items = val_items_for(tokenizer)
     reward_fn = get_reward_fn(cfg.reward)
-    common = dict(max_new_tokens=cfg.data.max_response_length, batch_size=cfg.rollout.batch_size)
+    log.info("evaluating %s: %d prompts, greedy%s", model_path, len(items),
+             f" and {cfg.eval.n} samples each" if cfg.eval.n > 0 else "")
+    common = dict(max_new_tokens=cfg.data.max_response_length, batch_size=cfg.rollout.batch_size, progress=True)
     with torch.no_grad(), autocast_context(cfg.model.dtype, device):
         metrics = {"val/prompts": float(len(items))}
         metrics.update(evaluate_accuracy(model, tokenizer, items, reward_fn, **common))
@@ -123,6 +126,9 @@ def evaluate_path(path: str | Path, overrides: list[str] = ()) -> list[dict]:
         raise UserError(f"{path}: no such run directory or model folder")
     run_config, targets = find_checkpoints(path)
     cfg = eval_config(run_config, list(overrides), targets[0][1])
+    if cfg.eval.lm_eval_tasks and (hint := missing_extra("eval")):  # now, not after loading and a full eval
+        raise UserError(f"eval.lm_eval_tasks={list(cfg.eval.lm_eval_tasks)}: needs lm-evaluation-harness, which is "
+                        f"not installed; install it with: {hint}")
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     cache: dict = {}

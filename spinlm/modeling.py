@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import socket
 from contextlib import nullcontext
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from spinlm.choices import DTYPE_NAMES
+from spinlm.errors import UserError
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # model.dtype -> torch dtype
 MIXED_PRECISION = ("bfloat16", "float16")  # trained with fp32 master weights, computed in this dtype
@@ -27,8 +32,42 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
 GENERIC_TOKENIZER_CLASSES = {"TokenizersBackend", "PreTrainedTokenizerFast"}
 
 
+def tokenizer_source(model_cfg, checkpoint: str | Path | None = None) -> str:
+    """Where the tokenizer comes from, one rule for the trainer, its workers and evaluate: the checkpoint's own
+    (every checkpoint saves the tokenizer it was trained with), else ``model.tokenizer_path``, else ``model.path``."""
+    if checkpoint is not None and (Path(checkpoint) / "tokenizer_config.json").is_file():
+        return str(checkpoint)
+    return str(model_cfg.tokenizer_path or model_cfg.path)
+
+
+def hub_problem(key: str, path: str) -> str | None:
+    """For a model path that is not a local folder (a hub id): None when it can load, else why not. Checked in a
+    few seconds, before transformers' own download retries (about 50 s offline) and before anything heavy."""
+    if Path(path).expanduser().is_dir():
+        return None
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(path, "config.json"), str):
+        return None  # downloaded before: transformers falls back to the cache
+    advice = (f"download it where there is network (`hf download {path} --local-dir DIR`) and set {key}=DIR")
+    if constants.HF_HUB_OFFLINE:
+        return f"{key}={path}: not a local folder and not in the Hugging Face cache, and HF_HUB_OFFLINE is set: {advice}"
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=float(os.environ.get("SPINLM_HUB_PROBE_TIMEOUT", "3"))).close()
+    except OSError as exc:
+        return (f"{key}={path}: not a local folder and not in the Hugging Face cache, and the hub ({host}) cannot be "
+                f"reached ({exc}): {advice}")
+    return None
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:  # no tokenizer files, a corrupt tokenizer.json, an unreachable hub
+        raise UserError(f"{path}: cannot load a tokenizer from it ({type(exc).__name__}: {exc}); point "
+                        "model.tokenizer_path at a folder with tokenizer.json and tokenizer_config.json") from exc
     declared = _declared_tokenizer_class(path)
     if declared in GENERIC_TOKENIZER_CLASSES and type(tok).__name__ not in GENERIC_TOKENIZER_CLASSES:
         # transformers 5 swaps a saved generic tokenizer for the model type's own class for some model types
@@ -63,10 +102,24 @@ def master_dtype(dtype: str) -> str:
 
 def load_model(path: str, *, dtype: str, attn_implementation: str, device, trust_remote_code: bool = False):
     """Weights in `dtype` as given (the caller picks master_dtype() for a model that trains)."""
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
-        attn_implementation=resolve_attn_implementation(attn_implementation, torch.device(device)))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+            attn_implementation=resolve_attn_implementation(attn_implementation, torch.device(device)))
+    except (OSError, SafetensorError) as exc:  # no weights, a truncated or corrupt safetensors file, no network
+        raise UserError(f"{path}: cannot load the model weights ({type(exc).__name__}: {exc}). A checkpoint cut "
+                        "short (a full disk, a copy interrupted) cannot be repaired: use an earlier checkpoint or "
+                        "the original model folder") from exc
     return model.to(device)
+
+
+def check_vocab_fits(tokenizer, model, where: str) -> None:
+    """A token id past the embedding table would index out of range on the first forward (or silently, on GPU)."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise UserError(f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} "
+                        "rows: they do not belong together (check model.tokenizer_path), or resize the embedding "
+                        "before training (model.resize_token_embeddings(len(tokenizer)), then save)")
 
 
 def disable_dropout(model) -> None:

@@ -122,9 +122,14 @@ def draw_plots(record: RunRecord, out: Path) -> list[Plot]:
     plots = []
     train = record.kind("train")
     for name, title, keys in [
-        ("loss", "Preference loss per step", ["loss"]),
+        # "loss" is what the optimizer minimised: the preference loss (with its DPOP term) + sft_weight x SFT NLL
+        ("loss", "Training loss per step (preference + DPOP + SFT terms)", ["loss"]),
         ("margins", "Reward margins per step (chosen - rejected)", ["rewards/margins"]),
-        ("accuracies", "Reward accuracy per step (chosen ranked above rejected)", ["rewards/accuracies"]),
+        # a round's first step trains the policy against itself: every margin is exactly 0, so no pair is ranked
+        ("accuracies", "Reward accuracy per step (chosen ranked above rejected)\n0 at a round's first step: the "
+                       "policy is still the opponent, every margin is 0", ["rewards/accuracies"]),
+        ("sft_nll", "Chosen responses' NLL per token (the SFT term, trained when algorithm.sft_weight > 0)",
+         ["train/sft_nll"]),
         ("logps", "Sequence log-probs per step", ["logps/chosen", "logps/rejected"]),
     ]:
         series = {k: [(r["step"], r[k]) for r in train if k in r] for k in keys}
@@ -168,7 +173,10 @@ def _step_figure(series: dict[str, list], train: list[dict], title: str):
         ax.axvspan(lo, hi, color="grey", alpha=0.12 if i % 2 == 0 else 0.04, linewidth=0)
         ax.annotate(f"round {t}", ((lo + hi) / 2, 0.98), xycoords=("data", "axes fraction"), ha="center", va="top",
                     fontsize=8, color="dimgrey")
-    ax.set(title=title, xlabel="optimizer step")
+    ax.set(xlabel="optimizer step")
+    ax.set_title(title, fontsize=10 if "\n" in title else None)
+    if "\n" in title:  # room for the second line of the title
+        fig.subplots_adjust(top=0.84)
     ax.xaxis.get_major_locator().set_params(integer=True)
     if len(series) > 1:
         ax.legend(fontsize=8)

@@ -64,6 +64,24 @@ class Tracker:
             parts = [f"{k}={_fmt(numbers[k])}" for k in keys if k in numbers]
             tqdm.write(f"[round {round} {kind} step {step}] " + " ".join(parts))
 
+    def log_samples(self, rows: list[dict], *, round: int, step: int) -> None:
+        """A few of the round's judged pairs (prompt, chosen, rejected, their scores), as TRL logs completions: a
+        W&B table, TensorBoard text and an MLflow artifact. metrics.jsonl leaves them out: every pair of the round
+        is in rounds/<t>/pairs.parquet, and the report shows examples from there."""
+        if not rows:
+            return
+        columns = list(rows[0])
+        if self.tensorboard:
+            self.tensorboard.add_text("samples", samples_markdown(rows, columns), step)
+        if self.wandb:
+            import wandb
+
+            self.wandb.log({"samples": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows]),
+                            "round": round}, step=step)
+        if self.mlflow:
+            self.mlflow.client.log_text(self.mlflow.run_id, samples_markdown(rows, columns),
+                                        f"samples/round_{round}.md")
+
     def close(self, *, failed: bool = False) -> None:
         """failed: the run stopped on an error; W&B and MLflow mark their runs failed instead of finished."""
         if self.jsonl:
@@ -130,6 +148,14 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def samples_markdown(rows: list[dict], columns: list[str]) -> str:
+    """A markdown table; cells on one line, pipes escaped, so each pair stays one row."""
+    cell = lambda v: "-" if v is None else str(v).replace("|", "\\|").replace("\n", "<br>")  # noqa: E731
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
 
 
 def mlflow_name(key: str) -> str:

@@ -18,6 +18,7 @@ from spinlm.errors import UserError
 from spinlm.evaluate import pass_at_k_metrics
 from spinlm.evaluate_command import evaluate_path, find_checkpoints, format_table
 from spinlm.data.items import load_val_items
+from spinlm.extras import installed
 from spinlm.main_spin import run
 from spinlm.rewards import get_reward_fn
 from spinlm.modeling import load_tokenizer
@@ -184,3 +185,18 @@ def test_evaluate_takes_code_trust_from_the_command_line(tiny_task, tmp_path):
     assert (cfg.reward.custom_path, cfg.reward.custom_name, cfg.model.trust_remote_code) == (
         str(reward), "their_score", False)
     assert marker.exists()  # typed by the person running it: imported (by the reward check)
+
+
+def test_missing_lm_eval_is_reported_before_any_model_loads(tiny_task, tmp_path):
+    """Not after loading the model and a full greedy eval: the advice names this checkout's extra."""
+    if installed("lm_eval"):
+        pytest.skip("lm-evaluation-harness is installed here")
+    model = tmp_path / "no_weights"  # a model folder whose weights would fail to load: the check must come first
+    model.mkdir()
+    for f in (tiny_task / "sft_model").iterdir():
+        if not f.name.endswith(".safetensors"):
+            (model / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(UserError, match=r"needs lm-evaluation-harness, which is not installed; install it with: "
+                                        r"pip install -e \".*\[eval\]\""):
+        evaluate_path(model, [f"data.val_files={tiny_task / 'val.parquet'}", "data.max_prompt_length=96",
+                              "data.max_response_length=64", "eval.lm_eval_tasks=[hellaswag]"])

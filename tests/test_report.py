@@ -15,7 +15,7 @@ from spinlm.config import ConfigError
 from spinlm.errors import UserError
 from spinlm.report import read_metrics, write_report
 
-PLOTS = ("loss", "margins", "accuracies", "logps", "val_accuracy", "response_length")
+PLOTS = ("loss", "margins", "accuracies", "sft_nll", "logps", "val_accuracy", "response_length")
 
 
 @pytest.fixture(scope="module")

@@ -245,3 +245,23 @@ def test_bad_sampling_params_are_named(llama, prompts, bad, field):
 def test_empty_prompt_is_named(llama, prompts):
     with pytest.raises(ValueError, match="prompt 2 is empty"):
         generate(llama, [prompts[0], prompts[1], []], SamplingParams(), pad_id=PAD, eos_ids={3}, progress=False)
+
+
+def test_progress_counts_each_sequence_when_it_ends(llama, prompts):
+    """The bar ticks per finished row, as rows end inside a batch, and each row exactly once (EOS or limit)."""
+    from spinlm.rollout import hf_rollout
+
+    max_new = 12
+    free = plain_generate(llama, prompts, max_new_tokens=max_new, eos=None, do_sample=False)
+    eos = early_eos(free)
+    expected_ends = sorted(len(cut_at_eos(r, eos)[0]) for r in free)
+    ticks = []
+    ids = torch.tensor(sorted(eos))
+    rows, lengths = hf_rollout._generate_batch(llama, prompts, 1, max_new, None, True, PAD, ids,
+                                               torch.zeros(len(prompts), dtype=torch.int64), torch.device("cpu"),
+                                               ticks.append)
+    assert sorted(lengths) == expected_ends
+    assert sum(ticks) == len(prompts)
+    # rows that ended early were reported before the batch was over: more than one tick
+    early = sum(1 for n in expected_ends if n < max_new)
+    assert early > 0 and len(ticks) >= 2 and ticks[-1] == len(prompts) - early

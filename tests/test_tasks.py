@@ -163,7 +163,7 @@ SMALL = dict(n_train=40, n_val=10, n_sft=20, sft_steps=3, sft_batch_size=4,
              model_kwargs=dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64))
 
 
-def test_build_writes_a_complete_cached_task(tmp_path, capsys):
+def test_build_writes_a_complete_cached_task(tmp_path, caplog):
     out = build_tiny_task(tmp_path / "task", seed=5, **SMALL)
     assert out == (tmp_path / "task").resolve()
     names = {p.name for p in out.iterdir()}
@@ -192,10 +192,12 @@ def test_build_writes_a_complete_cached_task(tmp_path, capsys):
 
     # Cached: a second call returns at once and leaves the build untouched.
     mtime = (out / "build_info.json").stat().st_mtime_ns
-    assert build_tiny_task(out, seed=5, **SMALL) == out
-    assert "built with other" not in capsys.readouterr().out
-    assert build_tiny_task(out, seed=6, **SMALL) == out  # still cached, but says the seed differs
-    assert "it was built with other seed (use --force" in capsys.readouterr().out
+    with caplog.at_level("INFO", logger="spinlm"):
+        assert build_tiny_task(out, seed=5, **SMALL) == out
+        assert "complete build found" in caplog.text and "built with other" not in caplog.text
+        caplog.clear()
+        assert build_tiny_task(out, seed=6, **SMALL) == out  # still cached, but says the seed differs
+        assert "it was built with other seed (use --force" in caplog.text
     assert (out / "build_info.json").stat().st_mtime_ns == mtime
 
     # Deterministic: a forced rebuild gives the same data and the same SFT weights.

@@ -154,18 +154,18 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, *, pad_id:
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     responses: list = [None] * len(prompts)
     ended: list = [None] * len(prompts)
-    bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
+    # one tick per finished sequence (prompt x sample), as it ends: a long batch moves the bar while it runs
+    bar = tqdm(total=len(prompts) * n, desc=desc, unit="seq", disable=not progress, leave=False)
     try:
         for s in range(0, len(order), batch_size):
             idx = order[s : s + batch_size]
             streams = sample_streams(seed, torch.tensor([keys[i] for i in idx], dtype=torch.int64), n).to(device)
             rows, lengths = _generate_batch(model, [prompts[i] for i in idx], n, params.max_new_tokens, warpers,
-                                            params.greedy, pad_id, eos, streams, device)
+                                            params.greedy, pad_id, eos, streams, device, bar.update)
             for j, i in enumerate(idx):
                 cut = range(j * n, (j + 1) * n)
                 responses[i] = [rows[r][: lengths[r]] for r in cut]
                 ended[i] = [rows[r][lengths[r] - 1] in eos_ids for r in cut]   # every length is >= 1
-            bar.update(len(idx))
     finally:
         bar.close()
         model.train(was_training)
@@ -185,8 +185,9 @@ def _forward_kwargs(model, cache: DynamicCache) -> tuple[dict, dict]:
 
 def _generate_batch(model, prompts: list[list[int]], n: int, max_new_tokens: int, warpers: LogitsProcessorList,
                     greedy: bool, pad_id: int, eos: torch.Tensor, streams: torch.Tensor,
-                    device: torch.device) -> tuple[list[list[int]], list[int]]:
-    """One left-padded batch. Returns the token rows (prompt-major, n per prompt) and each row's response length."""
+                    device: torch.device, finished_rows=lambda k: None) -> tuple[list[list[int]], list[int]]:
+    """One left-padded batch. Returns the token rows (prompt-major, n per prompt) and each row's response length.
+    ``finished_rows(k)`` is told each time k more rows have ended (with EOS, or at max_new_tokens)."""
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -228,9 +229,10 @@ def _generate_batch(model, prompts: list[list[int]], n: int, max_new_tokens: int
         if bool(done.any()):
             lengths[active[done]] = step + 1
             finished |= done
+            finished_rows(int(done.sum()))
             dead = int(finished.sum())
             if dead == len(active):
-                break
+                return tokens.tolist(), lengths.tolist()
             if dead >= max(1, COMPACT_FRACTION * len(active)):
                 # Finished rows leave the batch and the cache: later steps cost only what is still running.
                 keep = (~finished).nonzero().squeeze(1)
@@ -243,4 +245,5 @@ def _generate_batch(model, prompts: list[list[int]], n: int, max_new_tokens: int
         logits = out.logits[:, -1].float()
         del out
         next_pos = next_pos + 1
+    finished_rows(int((~finished).sum()))  # the rows still running stop at max_new_tokens
     return tokens.tolist(), lengths.tolist()
