@@ -29,8 +29,13 @@ class ConsoleFormat(logging.Formatter):
 
 def _cmd_train(args) -> int:
     from spinlm.api import train  # the same steps as spinlm.train() in a notebook
+    from spinlm.report import round_table_text
 
-    train(args.overrides)
+    result = train(args.overrides)
+    if result.rounds:
+        print(round_table_text(result.rounds))
+    if result.report is not None:
+        print(f"report: {result.report}")
     return 0
 
 
@@ -153,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_prepare)
 
     p = sub.add_parser("config", help="print the resolved config or check it", description="config show | check")
-    p.add_argument("action", choices=["show", "check"], help="show: print the resolved YAML; check: run every safety rule")
+    p.add_argument("action", choices=["show", "check"], help="show: print the resolved YAML; check: run every config rule")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     p.add_argument("--debug", action="store_true", help="show Python tracebacks")
     p.set_defaults(func=_cmd_config)

@@ -1,4 +1,4 @@
-"""The safety officer: every cross-field rule of a run's config, checked before any model or data loads.
+"""The config check: every cross-field rule of a run's config, checked before any model or data loads.
 
 ``check_config`` returns ALL problems at once, each naming the key, its value and the rule broken, so a user
 fixes a config in one pass instead of one crash per launch. ``check_eval_config`` and ``check_sft_config`` apply
@@ -26,6 +26,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from spinlm import choices
 from spinlm.config import ConfigError, available_presets, default_config, load_config, world_size
+from spinlm.extras import missing_extra
+from spinlm.hub import hub_problem
 from spinlm.tracking import missing_logger_libraries
 
 logger = logging.getLogger(__name__)
@@ -488,8 +490,8 @@ def _check_lora(v: _Values) -> list[str]:
     if not v.has("model.lora.rank") or v["model.lora.rank"] == 0:
         return []
     problems = []
-    if importlib.util.find_spec("peft") is None:
-        problems.append(f"model.lora.rank={v['model.lora.rank']}: LoRA needs peft (pip install \"spinlm[lora]\")")
+    if hint := missing_extra("lora"):
+        problems.append(f"model.lora.rank={v['model.lora.rank']}: LoRA needs peft ({hint})")
     if v.has("trainer.nnodes", "trainer.n_gpus_per_node", "trainer.cpu_workers"):
         world = world_size(v["trainer.nnodes"], v["trainer.n_gpus_per_node"], v["trainer.cpu_workers"])
         if world > 1:
@@ -515,7 +517,9 @@ def _read_model_config(key: str, path: str) -> tuple[list[str], dict | None]:
         return [f"{key}={_fmt(path)}: must not be empty (a model directory or hub id)"], None
     local = Path(path).expanduser()
     if not local.exists():
-        return ([f"{key}={path}: no such directory"] if _looks_local(path) else []), None
+        if _looks_local(path):
+            return [f"{key}={path}: no such directory"], None
+        return [p for p in [hub_problem(key, path)] if p], None  # a hub id: it must be cached or reachable
     if not local.is_dir():
         return [f"{key}={path}: is a file; expected a Hugging Face model directory (with config.json)"], None
     config_json = local / "config.json"
@@ -564,6 +568,8 @@ def _model_problems(v: _Values, *, check_context: bool) -> list[str]:
         path = v["model.tokenizer_path"]
         if not Path(path).expanduser().exists() and (_looks_local(path) or not path.strip()):
             problems.append(f"model.tokenizer_path={_fmt(path)}: no such directory")
+        elif not Path(path).expanduser().exists() and (problem := hub_problem("model.tokenizer_path", path)):
+            problems.append(problem)
     if not check_context or model_config is None or not v.has("data.max_prompt_length", "data.max_response_length"):
         return problems
     limit = _max_positions(model_config)
@@ -589,9 +595,9 @@ def _check_attention(v: _Values) -> list[str]:
 
 
 def _check_rollout_engine(v: _Values) -> list[str]:
-    if v.has("rollout.engine") and v["rollout.engine"] == "vllm" and importlib.util.find_spec("vllm") is None:
-        return ["rollout.engine=vllm: the vllm package is not installed (pip install \"spinlm[vllm]\" on a CUDA "
-                "machine; on CPU see scripts/setup_vllm_env.sh), or use rollout.engine=hf"]
+    if v.has("rollout.engine") and v["rollout.engine"] == "vllm" and (hint := missing_extra("vllm")):
+        return [f"rollout.engine=vllm: the vllm package is not installed ({hint} on a CUDA machine; on CPU see "
+                "scripts/setup_vllm_env.sh), or use rollout.engine=hf"]
     return []
 
 
@@ -691,6 +697,10 @@ def _check_eval(v: _Values) -> list[str]:
         path = v["eval.lm_eval_include_path"]
         if not Path(path).expanduser().is_dir():
             problems.append(f"eval.lm_eval_include_path={_fmt(path)}: no such directory (a folder of lm-eval task YAMLs)")
+    if v.has("eval.lm_eval_tasks") and v["eval.lm_eval_tasks"] and (hint := missing_extra("eval")):
+        # now, not after the model has loaded and the greedy eval has run
+        problems.append(f"eval.lm_eval_tasks={_fmt(v['eval.lm_eval_tasks'])}: needs lm-evaluation-harness, which is "
+                        f"not installed; install it with: {hint}")
     return problems
 
 

@@ -17,7 +17,6 @@ from omegaconf import OmegaConf
 
 from spinlm.config import ConfigError, default_config, load_config, load_run_config, resolved
 from spinlm.errors import UserError
-from spinlm.extras import missing_extra
 from spinlm.run_dir import CHECKPOINTS_DIR, STATE_FILE, RunDir, complete_checkpoints, run_dir_of_checkpoint
 
 log = logging.getLogger(__name__)
@@ -126,9 +125,6 @@ def evaluate_path(path: str | Path, overrides: list[str] = ()) -> list[dict]:
         raise UserError(f"{path}: no such run directory or model folder")
     run_config, targets = find_checkpoints(path)
     cfg = eval_config(run_config, list(overrides), targets[0][1])
-    if cfg.eval.lm_eval_tasks and (hint := missing_extra("eval")):  # now, not after loading and a full eval
-        raise UserError(f"eval.lm_eval_tasks={list(cfg.eval.lm_eval_tasks)}: needs lm-evaluation-harness, which is "
-                        f"not installed; install it with: {hint}")
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     cache: dict = {}

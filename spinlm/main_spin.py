@@ -1,7 +1,8 @@
-"""The director: check the config, load data, start the worker, run the rounds, close cleanly."""
+"""A training run from its config: check it, lock the run directory, resume or start, load the data, the reward
+and the workers, hand them to the trainer's round loop, and close everything cleanly; then write the report."""
 from __future__ import annotations
 
-import sys
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,9 +21,12 @@ from spinlm.rewards import get_reward_fn, score_responses
 from spinlm.spin_trainer import SpinTrainer
 from spinlm.tracking import Tracker
 from spinlm.rewards.reward_model import build_reward
-from spinlm.modeling import DTYPES, load_tokenizer, master_dtype, pick_device
+from spinlm.modeling import DTYPES, load_tokenizer, master_dtype, pick_device, tokenizer_source
 from spinlm.workers.fsdp_workers import OPTIM_DIR
 from spinlm.workers.worker_group import make_worker_group
+
+
+log = logging.getLogger(__name__)
 
 
 class RunError(UserError):
@@ -66,15 +70,15 @@ def report_or_warning(run_dir: Path, cfg) -> Path | None:
     """The report is a view of results already on disk: when it cannot be written the run's results stand, and
     a clear warning says why and how to retry."""
     if "jsonl" not in cfg.trainer.logger:
-        print(f"no report: trainer.logger={list(cfg.trainer.logger)} has no jsonl, and the report reads {METRICS_FILE}")
+        log.info("no report: trainer.logger=%s has no jsonl, and the report reads %s", list(cfg.trainer.logger),
+                 METRICS_FILE)
         return None
     try:
         path = write_report(run_dir)
     except Exception as exc:  # any failure: reported below, never hidden; the run itself succeeded
-        print(f"WARNING: the run in {run_dir} is complete and saved, but its report could not be written: "
-              f"{type(exc).__name__}: {exc}. Retry with `spinlm report {run_dir}`", file=sys.stderr)
+        log.warning("the run in %s is complete and saved, but its report could not be written: %s: %s. Retry with "
+                    "`spinlm report %s`", run_dir, type(exc).__name__, exc, run_dir)
         return None
-    print(f"report: {path}")
     return path
 
 
@@ -99,7 +103,7 @@ def _train_rounds(cfg, run_dir: Path) -> list[dict]:
         torch.set_num_threads(cfg.trainer.threads)
     seed_everything(cfg)
 
-    tokenizer = load_tokenizer(cfg.model.tokenizer_path or cfg.model.path, cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(tokenizer_source(cfg.model, latest), cfg.model.trust_remote_code)
     train_items, stats = load_items(cfg.data, tokenizer, cfg.data.train_files, need_response=cfg.algorithm.mode == "spin")
     val_items = load_val_items(cfg.data, tokenizer) if cfg.data.val_files else []
     reward_fn = get_reward_fn(cfg.reward)
@@ -113,9 +117,9 @@ def _train_rounds(cfg, run_dir: Path) -> list[dict]:
     if latest is not None:
         state = load_trainer_state(latest)
         model_path = str(latest)
-        print(f"resuming from {latest} (next round {state.next_round + 1} of {cfg.trainer.rounds})")
+        log.info("resuming from %s (next round %d of %d)", latest, state.next_round + 1, cfg.trainer.rounds)
     if state.next_round >= cfg.trainer.rounds:
-        print(f"{run_dir}: all {cfg.trainer.rounds} rounds are done (raise trainer.rounds to continue)")
+        log.info("%s: all %d rounds are done (raise trainer.rounds to continue)", run_dir, cfg.trainer.rounds)
         return state.table
 
     keep_opponent = cfg.algorithm.mode == "online_dpo" or cfg.algorithm.reference == "initial"

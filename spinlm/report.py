@@ -220,6 +220,14 @@ def _table_columns(table: list[dict]) -> list[str]:
     return [c for c in TABLE_COLUMNS if any(c in r for r in table)] + list(dict.fromkeys(extra))
 
 
+def round_table_text(table: list[dict]) -> str:
+    """The round table as aligned console text (what `spinlm train` prints at the end)."""
+    cols = list(TABLE_COLUMNS)
+    rows = [[_fmt(r.get(c)) for c in cols] for r in table]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(cells, widths)) for cells in [cols, *rows])
+
+
 def _fence(*texts: str) -> str:
     """A Markdown code fence longer than any backtick run in the texts it encloses."""
     longest = max((len(m) for t in texts for m in re.findall(r"`+", t)), default=0)

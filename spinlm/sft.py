@@ -6,6 +6,7 @@ response tokens, EOS included, are targets; prompt and padding positions get lab
 """
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -16,17 +17,19 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from spinlm.config import ConfigError
 from spinlm.config_check import validate_sft
 from spinlm.data.example import DataError
 from spinlm.data.items import load_items, load_val_items
-from spinlm.modeling import autocast_context, enable_gradient_checkpointing, load_model, load_tokenizer, master_dtype
+from spinlm.modeling import (autocast_context, check_vocab_fits, enable_gradient_checkpointing, load_model,
+                             load_tokenizer, master_dtype, pick_device, tokenizer_source)
 from spinlm.seeding import GLOBAL, seed_for
 
 if TYPE_CHECKING:
     from spinlm.data.dataset import TokenizedExample
 
 IGNORE_INDEX = -100
+
+log = logging.getLogger(__name__)
 
 
 def sft_batch(items: list[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -119,14 +122,11 @@ def train_sft(model, tokenizer, items: list[TokenizedExample], *, steps: int, ba
 # ----------------------------------------------------------------------------------------------- `spinlm sft`
 
 def _load_model_and_tokenizer(cfg: DictConfig, device: torch.device):
-    model_path = str(cfg.model.path)
-    tok_path = str(cfg.model.tokenizer_path or model_path)
-    try:
-        tokenizer = load_tokenizer(tok_path, cfg.model.trust_remote_code)
-        model = load_model(model_path, dtype=master_dtype(cfg.model.dtype), attn_implementation=cfg.model.attn_implementation,
-                           device=device, trust_remote_code=cfg.model.trust_remote_code)
-    except OSError as exc:
-        raise ConfigError([f"model.path={model_path!r}: cannot load the model or tokenizer ({exc})"]) from exc
+    tokenizer = load_tokenizer(tokenizer_source(cfg.model), cfg.model.trust_remote_code)
+    model = load_model(str(cfg.model.path), dtype=master_dtype(cfg.model.dtype),
+                       attn_implementation=cfg.model.attn_implementation, device=device,
+                       trust_remote_code=cfg.model.trust_remote_code)
+    check_vocab_fits(tokenizer, model, f"model.path={cfg.model.path}")
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model, tokenizer
@@ -141,16 +141,15 @@ def run_sft_from_config(cfg: DictConfig) -> dict[str, Any]:
     validate_sft(cfg)  # every rule, before anything heavy
     if cfg.trainer.threads:
         torch.set_num_threads(int(cfg.trainer.threads))
-    want = cfg.trainer.device
-    device = torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")
+    device = pick_device(cfg.trainer.device)
     out_dir = Path(cfg.sft.output_dir or Path(cfg.trainer.output_dir) / "sft")
 
     model, tokenizer = _load_model_and_tokenizer(cfg, device)
     train_items, _ = load_items(cfg.data, tokenizer, cfg.data.train_files, need_response=False,
                                 limit=cfg.sft.max_examples)
     _check_items(train_items)
-    print(f"sft: {len(train_items)} training examples, {cfg.sft.steps} steps of {cfg.sft.batch_size}, "
-          f"device {device}")
+    log.info("sft: %d training examples, %d steps of %d, device %s", len(train_items), cfg.sft.steps,
+             cfg.sft.batch_size, device)
 
     val_items, reward_fn = None, None
     summary: dict[str, Any] = {}
@@ -168,7 +167,7 @@ def run_sft_from_config(cfg: DictConfig) -> dict[str, Any]:
             return metrics["val/acc"]
 
         summary["val/acc_before"] = accuracy()
-        print(f"sft: val/acc before {summary['val/acc_before']:.4f} ({len(val_items)} prompts, greedy)")
+        log.info("sft: val/acc before %.4f (%d prompts, greedy)", summary["val/acc_before"], len(val_items))
 
     start = time.perf_counter()
     losses = train_sft(model, tokenizer, train_items, steps=cfg.sft.steps, batch_size=cfg.sft.batch_size,
@@ -177,14 +176,14 @@ def run_sft_from_config(cfg: DictConfig) -> dict[str, Any]:
                        autocast=lambda: autocast_context(cfg.model.dtype, device))
     summary.update(steps=len(losses), final_loss=sum(losses[-10:]) / len(losses[-10:]),
                    seconds=time.perf_counter() - start, output_dir=str(out_dir))
-    print(f"sft: {len(losses)} steps in {summary['seconds']:.1f}s, final loss {summary['final_loss']:.4f}")
+    log.info("sft: %d steps in %.1fs, final loss %.4f", len(losses), summary["seconds"], summary["final_loss"])
 
     if val_items is not None:
         summary["val/acc_after"] = accuracy()
-        print(f"sft: val/acc after {summary['val/acc_after']:.4f}")
+        log.info("sft: val/acc after %.4f", summary["val/acc_after"])
 
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    print(f"sft: saved model and tokenizer to {out_dir}")
+    log.info("sft: saved model and tokenizer to %s", out_dir)
     return summary

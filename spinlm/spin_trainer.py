@@ -1,4 +1,5 @@
-"""The shooting schedule: SPIN rounds, read top to bottom. Holds no weights; the worker does the heavy lifting.
+"""The round loop of SPIN and online DPO, read top to bottom. Holds no weights: the worker group generates, computes
+log-probs and trains; this module decides what each round does with them.
 
     round t:  opponent := policy                       (the checkpoint the round starts from; with
                                                         algorithm.reference=initial the loss's reference stays the
@@ -98,7 +99,6 @@ class SpinTrainer:
             self.tracker.log(summary, round=t + 1, step=self.state.global_step, kind="val")
             row["time_s"] = summary["time/round"]  # with the save; the checkpoint's copy has the time before it
             self.save_table()
-        print_table(self.state.table)
         return self.state.table
 
     # ---- mode spin: chosen = ground truth, rejected = the opponent's own answer ----------------------------------------
@@ -401,14 +401,3 @@ def _row(val: dict, train: dict) -> dict:
     return {"val_acc": val.get("val/acc"), "margins": train.get("rewards/margins"),
             "accuracies": train.get("rewards/accuracies"), "logps_chosen": train.get("logps/chosen"),
             "sample_reward": train.get("rollout/reward_mean")}
-
-
-def print_table(table: list[dict]) -> None:
-    cols = ["round", "val_acc", "margins", "accuracies", "logps_chosen", "sample_reward", "time_s"]
-    fmt = lambda v: "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
-    rows = [[fmt(r.get(c)) for c in cols] for r in table]
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
-    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
-    print(line(cols))
-    for r in rows:
-        print(line(r))

@@ -1,4 +1,4 @@
-"""The safety officer: one test per rule, each on a real config built with load_config and real files in tmp."""
+"""The config check: one test per rule, each on a real config built with load_config and real files in tmp."""
 from __future__ import annotations
 
 import importlib.util
@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from spinlm.config import ConfigError, load_config
 from spinlm.config_check import ENUMS, check_config, validate
+from spinlm.extras import install_hint
 
 MAX_POSITIONS = 256  # the tiny model's context: smoke's 96 + 48 tokens fit, 200 + 100 do not
 
@@ -294,10 +295,25 @@ def test_model_path_problems(files, tmp_path):
     assert len(found) == 1 and found[0].startswith(f"model.path={tmp_path}: cannot read {tmp_path}/config.json")
 
 
-def test_hub_ids_are_not_checked_offline(files, monkeypatch, tmp_path):
+def test_hub_ids_must_be_cached_or_the_hub_reachable(files, monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
     monkeypatch.chdir(tmp_path)  # so that no local 'org/name' folder exists
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # a hub nobody answers for
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    (problem,) = problems_for(files, "model.path=SomeOrg/some-model-0.5B")
+    assert problem.startswith("model.path=SomeOrg/some-model-0.5B: not a local folder and not in the Hugging Face "
+                              "cache, and the hub (127.0.0.1) cannot be reached")
+    assert problems_for(files, "model.tokenizer_path=SomeOrg/tok")[0].startswith("model.tokenizer_path=SomeOrg/tok: ")
+    # downloaded before (the hub cache's own layout): transformers loads it from there, nothing to report
+    repo = cache / "models--SomeOrg--some-model-0.5B"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "snapshots" / "abc123" / "config.json").write_text("{}")
     assert problems_for(files, "model.path=SomeOrg/some-model-0.5B") == []
-    assert problems_for(files, "model.path=gpt2") == []
 
 
 # ------------------------------------------------------------------------------------------------ data files
@@ -396,7 +412,7 @@ def test_flash_attention_without_the_package(files):
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
 def test_vllm_engine_without_the_package(files):
     assert problems_for(files, "rollout.engine=vllm") == [
-        'rollout.engine=vllm: the vllm package is not installed (pip install "spinlm[vllm]" on a CUDA machine; on CPU '
+        f'rollout.engine=vllm: the vllm package is not installed ({install_hint("vllm")} on a CUDA machine; on CPU '
         'see scripts/setup_vllm_env.sh), or use rollout.engine=hf']
 
 

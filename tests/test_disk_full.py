@@ -43,3 +43,7 @@ def test_a_full_disk_mid_checkpoint_is_a_message_and_the_run_resumes_with_room(t
     done = _train(roomy)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (roomy / "checkpoints" / "1" / "trainer_state.pt").is_file()
+    # at the end the CLI prints the round table and the report's path (the library prints nothing)
+    lines = done.stdout.splitlines()
+    assert lines[-3].split() == ["round", "val_acc", "margins", "accuracies", "logps_chosen", "sample_reward", "time_s"]
+    assert lines[-2].split()[0] == "1" and lines[-1] == f"report: {roomy / 'report' / 'report.html'}"

@@ -196,7 +196,7 @@ def test_missing_lm_eval_is_reported_before_any_model_loads(tiny_task, tmp_path)
     for f in (tiny_task / "sft_model").iterdir():
         if not f.name.endswith(".safetensors"):
             (model / f.name).write_bytes(f.read_bytes())
-    with pytest.raises(UserError, match=r"needs lm-evaluation-harness, which is not installed; install it with: "
-                                        r"pip install -e \".*\[eval\]\""):
+    with pytest.raises(ConfigError, match=r"eval.lm_eval_tasks=\[hellaswag\]: needs lm-evaluation-harness, which "
+                                          r"is not installed; install it with: pip install -e \".*\[eval\]\""):
         evaluate_path(model, [f"data.val_files={tiny_task / 'val.parquet'}", "data.max_prompt_length=96",
                               "data.max_response_length=64", "eval.lm_eval_tasks=[hellaswag]"])

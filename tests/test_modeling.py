@@ -7,7 +7,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from spinlm.errors import UserError
-from spinlm.modeling import check_vocab_fits, hub_problem, load_model, load_tokenizer, tokenizer_source
+from spinlm.hub import hub_problem
+from spinlm.modeling import check_vocab_fits, load_model, load_tokenizer, tokenizer_source
 
 
 def test_tokenizer_precedence_checkpoint_then_tokenizer_path_then_model_path(tiny_task, tmp_path):

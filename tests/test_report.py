@@ -115,7 +115,7 @@ def test_metrics_reader_drops_a_cut_last_line_and_names_a_bad_one(tmp_path):
         read_metrics(path)
 
 
-def test_a_report_that_cannot_be_written_keeps_the_run_and_warns(tiny_task, tmp_path, capsys):
+def test_a_report_that_cannot_be_written_keeps_the_run_and_warns(tiny_task, tmp_path, caplog):
     from spinlm import train
 
     run_dir = tmp_path / "run"
@@ -126,10 +126,10 @@ def test_a_report_that_cannot_be_written_keeps_the_run_and_warns(tiny_task, tmp_
     assert result.report is None and [r["round"] for r in result.rounds] == [1]
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "1"
     assert json.loads((run_dir / "rounds.json").read_text()) == result.rounds
-    err = capsys.readouterr().err
-    assert f"WARNING: the run in {run_dir} is complete and saved, but its report could not be written: " \
-           f"FileExistsError" in err
-    assert f"Retry with `spinlm report {run_dir}`" in err
+    (warning,) = [r for r in caplog.records if r.levelname == "WARNING" and r.name == "spinlm.main_spin"]
+    assert warning.getMessage().startswith(f"the run in {run_dir} is complete and saved, but its report could not be "
+                                           "written: FileExistsError")
+    assert f"Retry with `spinlm report {run_dir}`" in warning.getMessage()
 
 
 @pytest.mark.parametrize("name, text, message", [
@@ -142,3 +142,13 @@ def test_a_broken_run_file_is_named(tmp_path, name, text, message):
     (tmp_path / name).write_text(text)
     with pytest.raises(UserError, match=f"{tmp_path}/{message}"):
         write_report(tmp_path)
+
+
+def test_round_table_text_aligns_columns_and_marks_missing_values():
+    from spinlm.report import round_table_text
+
+    table = [{"round": "start", "val_acc": 0.5}, {"round": 1, "val_acc": 0.625, "margins": 1.5, "time_s": 12.25}]
+    assert round_table_text(table).splitlines() == [
+        "round  val_acc  margins  accuracies  logps_chosen  sample_reward   time_s",
+        "start   0.5000        -           -             -              -        -",
+        "    1   0.6250   1.5000           -             -              -  12.2500"]
