@@ -383,6 +383,7 @@ RANGES: dict[str, _Bound] = {
     "trainer.nnodes": (1, True, None, False, False),
     "trainer.cpu_workers": (1, True, None, False, False),
     "trainer.log_every": (1, True, None, False, False),
+    "trainer.log_samples": (0, True, None, False, False),
     "trainer.keep_last_checkpoints": (1, True, None, False, True),
     "trainer.val_pass_k": (1, True, None, False, True),
     "model.lora.rank": (0, True, None, False, False),

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 import random
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,6 +39,12 @@ from spinlm.seeding import (EPOCH_ORDER, EVAL_GREEDY, EVAL_SAMPLE, ONLINE_GENERA
 from spinlm.workers.dp_actor import LossSettings
 
 
+log = logging.getLogger(__name__)
+
+# a round's samples of which more than this share ran into max_response_length: worth a warning
+CUT_WARNING_SHARE = 0.5
+
+
 class NonFiniteError(UserError):
     """Too many consecutive steps with a non-finite loss or gradient, or parameters made non-finite by a step."""
 
@@ -58,8 +64,6 @@ class SpinTrainer:
         self.workers = workers  # a worker group: one in-process rank, or Ray actors
         self.tokenizer = tokenizer
         self.train_items = train_items
-        # A training prompt's stable key for its random draws: its position in the training set
-        self.item_key = {id(it): i for i, it in enumerate(train_items)}
         self.val_items = val_items
         self.reward_fn = reward_fn  # the rule reward: val accuracy
         self.reward = reward or WeightedReward(reward_fn, None)  # what judges samples: rule and/or reward model
@@ -80,6 +84,7 @@ class SpinTrainer:
             self.state.table.append({"round": "start", **_row(start, {})})
         for t in range(self.state.next_round, cfg.trainer.rounds):
             self.timings = {}
+            self.warned_cut = False
             self.counts = {"rollout_tokens": 0, "update_tokens": 0, "steps": 0, "chosen_drift": 0.0, "margins": 0.0}
             round_start = time.perf_counter()
             train_metrics = self.spin_round(t) if self.mode == "spin" else self.online_dpo_round(t)
@@ -104,7 +109,8 @@ class SpinTrainer:
     # ---- mode spin: chosen = ground truth, rejected = the opponent's own answer ----------------------------------------
     def spin_round(self, t: int) -> dict:
         cfg = self.cfg
-        items = self.round_items(t)
+        picked = self.round_indices(t)  # positions in the training set: each prompt's key for its random draws
+        items = [self.train_items[i] for i in picked]
         given = [it for it in items if it.rejected_ids is not None]
         if t == 0 and len(given) == len(items):  # the data carries rejected responses: round 0 is offline DPO
             judged = RoundPairs(Pairs([it.prompt_ids for it in items], [it.response_ids for it in items],
@@ -112,7 +118,8 @@ class SpinTrainer:
                                 [it.example.origin for it in items], [None] * len(items), [None] * len(items))
             rollout_metrics = {"rollout/given_pairs": float(len(items))}
         else:
-            rollout = self.rollout(items, self.sampling(n=1), seed_for(cfg, SPIN_GENERATE, t), f"round {t + 1} generate")
+            rollout = self.rollout(items, picked, self.sampling(n=1), seed_for(cfg, SPIN_GENERATE, t),
+                                   f"round {t + 1} generate")
             with self.timer("judge"):
                 judged, rollout_metrics = self.judge_against_ground_truth(items, rollout)
         self.write_pairs(t, judged)
@@ -172,8 +179,9 @@ class SpinTrainer:
         prompts = ties = 0
         rewards: list[float] = []
         for _ in tqdm(range(steps), desc=f"round {t + 1} steps", leave=False):
-            items = self.step_items(self.state.global_step)
-            rollout = self.rollout(items, self.sampling(n=cfg.rollout.n),
+            picked = self.step_indices(self.state.global_step)
+            items = [self.train_items[i] for i in picked]
+            rollout = self.rollout(items, picked, self.sampling(n=cfg.rollout.n),
                                    seed_for(cfg, ONLINE_GENERATE, t, self.state.global_step), "generate")
             with self.timer("judge"):
                 judged, rollout_metrics = self.judge_by_reward(items, rollout)
@@ -185,10 +193,9 @@ class SpinTrainer:
             if len(judged.pairs) == 0:  # every prompt tied: no signal this step, but the step still counts
                 self.state.global_step += 1
                 self.workers.skip_step()
-                tqdm.write(f"WARNING: round {t + 1}, step {self.state.global_step}: no pair formed: all {len(items)} "
-                           f"prompts tied (their {cfg.rollout.n} samples scored the same, mean reward "
-                           f"{rollout_metrics.get('rollout/reward_mean', 0.0):.3f}); the step trains nothing",
-                           file=sys.stderr)
+                log.warning("round %d, step %d: no pair formed: all %d prompts tied (their %d samples scored the "
+                            "same, mean reward %.3f); the step trains nothing", t + 1, self.state.global_step,
+                            len(items), cfg.rollout.n, rollout_metrics.get("rollout/reward_mean", 0.0))
                 continue
             pairs = judged.pairs
             with self.timer("ref_logps"):
@@ -239,11 +246,20 @@ class SpinTrainer:
         return judged, metrics
 
     # ---- shared pieces --------------------------------------------------------------------------------------------------
-    def rollout(self, items, sampling: SamplingParams, seed: int, desc: str):
+    def rollout(self, items, keys: list[int], sampling: SamplingParams, seed: int, desc: str):
+        """``keys``: the items' positions in the training set, so a prompt's samples are the same whatever round
+        batch, rank or world size it lands in."""
         with self.timer("generate"):
-            rollout = self.workers.generate([it.prompt_ids for it in items], sampling, seed=seed,
-                                            keys=[self.item_key[id(it)] for it in items], desc=desc)
+            rollout = self.workers.generate([it.prompt_ids for it in items], sampling, seed=seed, keys=keys, desc=desc)
         self.counts["rollout_tokens"] += sum(len(r) for rs in rollout.responses for r in rs)
+        ended = [e for es in rollout.ended for e in es]
+        cut = 1 - sum(ended) / max(len(ended), 1)
+        if cut > CUT_WARNING_SHARE and not self.warned_cut:  # once per round: judged answers that were cut off
+            self.warned_cut = True
+            log.warning("%s: %.0f%% of the %d samples reached data.max_response_length=%d without an EOS, so they "
+                        "are judged (and trained on) cut off. Raise data.max_response_length, or check that the "
+                        "chat template ends answers with the tokenizer's EOS", desc, 100 * cut, len(ended),
+                        self.cfg.data.max_response_length)
         return rollout
 
     def train_step(self, t: int, pairs: Pairs, ref_chosen, ref_rejected) -> dict:
@@ -295,7 +311,7 @@ class SpinTrainer:
         if self.cfg.trainer.stop_on_collapse:
             raise CollapseError(message + f". Stopped (trainer.stop_on_collapse=true); the last good checkpoint is "
                                           f"kept in {RunDir(self.run_dir).checkpoints}")
-        tqdm.write(f"WARNING: {message}", file=sys.stderr)
+        log.warning("%s", message)
 
     def loss_settings(self, t: int) -> LossSettings:
         a = self.cfg.algorithm
@@ -310,22 +326,19 @@ class SpinTrainer:
         return SamplingParams(n=n, max_new_tokens=self.cfg.data.max_response_length, temperature=r.temperature,
                               top_p=r.top_p, top_k=r.top_k)
 
-    def round_items(self, t: int):
-        """The round's prompts: a seeded permutation of the training set, `data.prompts_per_round` of them."""
+    def round_indices(self, t: int) -> list[int]:
+        """The round's prompts (positions in the training set): a seeded permutation, `data.prompts_per_round` of
+        them."""
         k = self.cfg.data.prompts_per_round or len(self.train_items)
         order = list(range(len(self.train_items)))
         random.Random(seed_for(self.cfg, ROUND_PROMPTS, t)).shuffle(order)
-        return [self.train_items[i] for i in order[:k]]
+        return order[:k]
 
-    def step_items(self, step: int):
-        """online_dpo: the step's prompts, walking seeded epoch permutations of the training set."""
+    def step_indices(self, step: int) -> list[int]:
+        """online_dpo: the step's prompts (positions in the training set), walking seeded epoch permutations."""
         b = self.cfg.trainer.train_batch_size
         n = len(self.train_items)
-        out = []
-        for pos in range(step * b, step * b + b):
-            epoch, i = divmod(pos, n)
-            out.append(self.train_items[self.epoch_order(epoch)[i]])
-        return out
+        return [self.epoch_order(pos // n)[pos % n] for pos in range(step * b, step * b + b)]
 
     @functools.lru_cache(maxsize=2)
     def epoch_order(self, epoch: int) -> list[int]:
@@ -372,6 +385,13 @@ class SpinTrainer:
     # ---- run directory ----------------------------------------------------------------------------------------------
     def write_pairs(self, t: int, judged: RoundPairs) -> None:
         write_pairs(self.run_dir, t + 1, judged, self.tokenizer)
+        k = self.cfg.trainer.log_samples  # what the model wrote this round, where the user already looks
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        p = judged.pairs
+        self.tracker.log_samples([{"prompt": decode(p.prompts[i]), "chosen": decode(p.chosen[i]),
+                                   "rejected": decode(p.rejected[i]), "chosen_score": judged.chosen_scores[i],
+                                   "rejected_score": judged.rejected_scores[i]} for i in range(min(k, len(p)))],
+                                 round=t + 1, step=self.state.global_step)
 
     def save(self, t: int, val: dict) -> None:
         start = next(({"val/acc": r["val_acc"]} for r in self.state.table

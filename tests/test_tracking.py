@@ -134,3 +134,41 @@ def test_mlflow_marks_a_failed_run_and_leaves_out_non_finite_values(tmp_path, mo
     assert mlflow_run.info.status == "FAILED"
     assert [(m.step, m.value) for m in client.get_metric_history(mlflow_run.info.run_id, "loss")] == [(1, 0.5)]
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def expected_samples(run_dir: Path, tiny_task: Path) -> list[dict]:
+    """The round's first trainer.log_samples=4 pairs, as rounds/1/pairs.parquet holds them."""
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_task / "sft_model")
+    table = pq.read_table(run_dir / "rounds" / "1" / "pairs.parquet").to_pylist()[:4]
+    return [{"prompt": tok.decode(r["prompt_ids"], skip_special_tokens=True), "chosen": r["chosen"],
+             "rejected": r["rejected"], "chosen_score": r["chosen_score"], "rejected_score": r["rejected_score"]}
+            for r in table]
+
+
+def test_each_tracker_shows_the_rounds_sample_pairs(tracked_run, tiny_task):
+    from mlflow import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.util.tensor_util import make_ndarray
+
+    from spinlm.tracking import samples_markdown
+
+    rows = expected_samples(tracked_run, tiny_task)
+    assert len(rows) == 4 and all(r["chosen"] != r["rejected"] for r in rows)
+    markdown = samples_markdown(rows, list(rows[0]))
+
+    events = EventAccumulator(str(tracked_run / "tensorboard"), size_guidance={"tensors": 0})
+    events.Reload()
+    (text,) = events.Tensors("samples/text_summary")
+    assert make_ndarray(text.tensor_proto).item().decode() == markdown
+
+    client = MlflowClient(tracking_uri=(tracked_run / "mlruns").resolve().as_uri())
+    (mlflow_run,) = client.search_runs([client.get_experiment_by_name("spinlm").experiment_id])
+    local = client.download_artifacts(mlflow_run.info.run_id, "samples/round_1.md", str(tracked_run.parent))
+    assert Path(local).read_text() == markdown
+
+    (table_file,) = (tracked_run / "wandb").glob("offline-run-*/files/media/table/samples_*.table.json")
+    table = json.loads(table_file.read_text())
+    assert table["columns"] == list(rows[0]) and table["data"] == [list(r.values()) for r in rows]

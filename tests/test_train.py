@@ -234,3 +234,16 @@ def test_sft_only_loss_and_sampled_val_metrics(tiny_task, tmp_path):
     # pass@3 with 3 samples is "any of 3 right", never below their mean score, which is a fraction of 16 x 3
     assert 0.0 <= val["val/mean@3"] <= val["val/pass@3"] <= 1.0
     assert (val["val/mean@3"] * 48) == pytest.approx(round(val["val/mean@3"] * 48), abs=1e-9)
+
+
+def test_samples_cut_at_the_length_limit_are_warned_about_once_per_round(tiny_task, tmp_path, caplog):
+    """The tiny task's answers take more than 3 tokens: every sample is cut, and the user is told so."""
+    with caplog.at_level("WARNING", logger="spinlm"):
+        run(smoke(tmp_path, "trainer.rounds=1", "data.max_response_length=3", "data.prompts_per_round=16",
+                         "data.truncation=right"))
+    cut = [r.getMessage() for r in caplog.records if "without an EOS" in r.getMessage()]
+    assert cut == ["round 1 generate: 100% of the 16 samples reached data.max_response_length=3 without an EOS, so "
+                   "they are judged (and trained on) cut off. Raise data.max_response_length, or check that the chat "
+                   "template ends answers with the tokenizer's EOS"]
+    rollout = [r for r in metrics(tmp_path / "run") if r["kind"] == "rollout"]
+    assert rollout[0]["rollout/eos_rate"] == 0.0
