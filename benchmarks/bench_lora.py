@@ -2,7 +2,7 @@
 
 Both variants build the same randomly initialised Llama (two shapes: bench_update.py's "25m", where activations
 dominate memory, and a 136M one on short sequences, where weights and optimizer state do) in a PolicyWorker as `spinlm train algorithm.mode=online_dpo` does, and run the same pairs through
-`sequence_logps(opponent=True)` + `update` for a few steps (the first is a warm-up). Full fine-tuning holds the
+`update` (which computes the opponent's log-probs first) for a few steps (the first is a warm-up). Full fine-tuning holds the
 policy, a frozen opponent copy, gradients and AdamW state for every weight; LoRA (rank 16, all linear layers) holds
 one model, and gradients and AdamW state for the adapter only. Each variant runs in its own subprocess, so peak RSS
 is per variant.
@@ -61,9 +61,7 @@ def child(variant: str, rank: int, shape: str) -> None:
         idx = list(range(s * b, (s + 1) * b))
         pairs = Pairs([prompts[i] for i in idx], [chosen[i] for i in idx], [rejected[i] for i in idx])
         t = time.perf_counter()
-        ref_c = worker.sequence_logps(pairs.prompts, pairs.chosen, opponent=True)
-        ref_r = worker.sequence_logps(pairs.prompts, pairs.rejected, opponent=True)
-        m = worker.update(pairs, ref_c, ref_r, LossSettings(beta=0.1), global_pairs=b)
+        m = worker.update(pairs, LossSettings(beta=0.1), global_pairs=b)  # the opponent's log-probs computed inside
         times.append(time.perf_counter() - t)
         tokens.append(m["train/tokens"])
     trainable = sum(p.numel() for p in worker.policy.parameters() if p.requires_grad)

@@ -132,7 +132,7 @@ def run_spinlm(model_dir: Path, tok_dir: Path, run: dict, args, device: torch.de
         idx = [(s * b + i) % len(pairs) for i in range(b)]
         synchronize(device)
         t = time.perf_counter()
-        m = worker.update(pairs.select(idx), ref_c[idx], ref_r[idx], LossSettings(beta=0.1), b)
+        m = worker.update(pairs.select(idx), LossSettings(beta=0.1), b, ref=(ref_c[idx], ref_r[idx]))
         synchronize(device)
         if s:
             times.append(time.perf_counter() - t)

@@ -37,7 +37,7 @@ def measure(group, pairs: Pairs, batch: int, steps: int) -> tuple[list[float], l
     for s in range(steps):
         idx = list(range(s * batch, (s + 1) * batch))
         start = time.perf_counter()
-        m = group.update(pairs.select(idx), ref_c[idx], ref_r[idx], LossSettings(beta=0.5))
+        m = group.update(pairs.select(idx), LossSettings(beta=0.5), ref=(ref_c[idx], ref_r[idx]))
         times.append(time.perf_counter() - start)
         losses.append(m["loss"])
         tokens = m["train/tokens"]

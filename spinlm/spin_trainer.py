@@ -142,7 +142,7 @@ class SpinTrainer:
                 order = torch.randperm(len(pairs), generator=generator)
                 for s in range(0, len(pairs), batch):
                     idx = order[s : s + batch].tolist()
-                    last = self.train_step(t, pairs.select(idx), ref_chosen[idx], ref_rejected[idx])
+                    last = self.train_step(t, pairs.select(idx), (ref_chosen[idx], ref_rejected[idx]))
                     bar.update(1)
             bar.close()
         if not initial:
@@ -197,12 +197,8 @@ class SpinTrainer:
                             "same, mean reward %.3f); the step trains nothing", t + 1, self.state.global_step,
                             len(items), cfg.rollout.n, rollout_metrics.get("rollout/reward_mean", 0.0))
                 continue
-            pairs = judged.pairs
-            with self.timer("ref_logps"):
-                ref_chosen = self.workers.sequence_logps(pairs.prompts, pairs.chosen, opponent=True)
-                ref_rejected = self.workers.sequence_logps(pairs.prompts, pairs.rejected, opponent=True)
-            with self.timer("update"):
-                last = {**rollout_metrics, **self.train_step(t, pairs, ref_chosen, ref_rejected)}
+            with self.timer("update"):  # each rank computes the reference's log-probs with its resident opponent
+                last = {**rollout_metrics, **self.train_step(t, judged.pairs)}
         self.tracker.log({"rollout/round_tie_share": ties / max(prompts, 1)}, round=t + 1,
                          step=self.state.global_step, kind="health")  # one per round, beside the per-step rollouts
         if not any(len(j.pairs) for j in all_pairs):
@@ -262,9 +258,10 @@ class SpinTrainer:
                         self.cfg.data.max_response_length)
         return rollout
 
-    def train_step(self, t: int, pairs: Pairs, ref_chosen, ref_rejected) -> dict:
+    def train_step(self, t: int, pairs: Pairs, ref: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+        """`ref`: the reference's precomputed (chosen, rejected) log-probs; None: the ranks' resident opponent's."""
         settings = dataclasses.replace(self.loss_settings(t), reference_is_policy=self.policy_is_opponent)
-        metrics = self.workers.update(pairs, ref_chosen, ref_rejected, settings)
+        metrics = self.workers.update(pairs, settings, ref)
         self.counts["update_tokens"] += metrics["train/tokens"]
         if metrics["train/step_skipped"] == 0:
             self.counts["steps"] += 1

@@ -140,5 +140,5 @@ def test_policy_trains_without_dropout(tiny_task, tmp_path):
     pairs = Pairs([seq(6) for _ in range(8)], [seq(5) for _ in range(8)], [seq(4) for _ in range(8)])
     ref_c, ref_r = group.sequence_logps(pairs.prompts, pairs.chosen), group.sequence_logps(pairs.prompts, pairs.rejected)
     group.start_schedule(1)
-    loss = group.update(pairs, ref_c, ref_r, LossSettings(beta=0.1))["loss"]
+    loss = group.update(pairs, LossSettings(beta=0.1), ref=(ref_c, ref_r))["loss"]
     assert loss == pytest.approx(math.log(2), abs=1e-6)

@@ -31,7 +31,7 @@ def three_steps(group, pairs: Pairs, batch: int) -> list[float]:
     losses = []
     for s in range(3):
         idx = list(range(s * batch, (s + 1) * batch))
-        losses.append(group.update(pairs.select(idx), ref_c[idx], ref_r[idx], LossSettings(beta=0.5))["loss"])
+        losses.append(group.update(pairs.select(idx), LossSettings(beta=0.5), ref=(ref_c[idx], ref_r[idx]))["loss"])
     return losses
 
 

@@ -44,7 +44,7 @@ def test_adapter_trains_merges_exactly_and_becomes_the_opponent(tiny_task, tmp_p
     worker.start_schedule(10)
     ref_c, ref_r = (worker.sequence_logps(prompts, r, opponent=True) for r in (chosen, rejected))
     for _ in range(2):
-        worker.update(Pairs(prompts, chosen, rejected), ref_c, ref_r, LossSettings(beta=0.1), global_pairs=len(prompts))
+        worker.update(Pairs(prompts, chosen, rejected), LossSettings(beta=0.1), len(prompts), ref=(ref_c, ref_r))
     trained = worker.sequence_logps(prompts, chosen)
     assert not torch.allclose(trained, start, atol=1e-3)
     torch.testing.assert_close(worker.sequence_logps(prompts, chosen, opponent=True), start, atol=0, rtol=0)

@@ -46,8 +46,8 @@ def test_bf16_trains_fp32_master_weights_with_bf16_compute(model_dir):
 
     before = [t.detach().clone() for t in bf16.policy.parameters()]
     loss = LossSettings(beta=0.1)
-    m32 = fp32.update(p, ref32, fp32.sequence_logps(p.prompts, p.rejected), loss, len(p))
-    m16 = bf16.update(p, ref16, bf16.sequence_logps(p.prompts, p.rejected), loss, len(p))
+    m32 = fp32.update(p, loss, len(p), ref=(ref32, fp32.sequence_logps(p.prompts, p.rejected)))
+    m16 = bf16.update(p, loss, len(p), ref=(ref16, bf16.sequence_logps(p.prompts, p.rejected)))
     assert m16["loss"] == pytest.approx(m32["loss"], abs=1e-3)  # log(2) at the start, in both
     assert m16["train/grad_norm"] == pytest.approx(m32["train/grad_norm"], rel=0.05)
     assert all(t.dtype == torch.float32 for t in bf16.policy.parameters())
@@ -68,8 +68,8 @@ def test_gradient_checkpointing_recomputes_layers_and_gives_the_same_update(mode
     p = pairs()
     ref_c, ref_r = plain.sequence_logps(p.prompts, p.chosen), plain.sequence_logps(p.prompts, p.rejected)
     calls.update(plain=0, ckpt=0)
-    m_plain = plain.update(p, ref_c, ref_r, LossSettings(beta=0.1), len(p))
-    m_ckpt = ckpt.update(p, ref_c, ref_r, LossSettings(beta=0.1), len(p))
+    m_plain = plain.update(p, LossSettings(beta=0.1), len(p), ref=(ref_c, ref_r))
+    m_ckpt = ckpt.update(p, LossSettings(beta=0.1), len(p), ref=(ref_c, ref_r))
     assert calls["ckpt"] == 2 * calls["plain"] > 0  # each micro-batch's layer forward runs again in backward
     assert m_ckpt["train/grad_norm"] == pytest.approx(m_plain["train/grad_norm"], rel=1e-5)
     for a, b in zip(ckpt.policy.parameters(), plain.policy.parameters()):

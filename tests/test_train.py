@@ -110,7 +110,7 @@ def test_opponent_refresh_is_an_in_place_copy(tiny_task, tmp_path):
     ref_c = worker.sequence_logps(prompts, chosen, opponent=True)
     ref_r = worker.sequence_logps(prompts, rejected, opponent=True)
     for _ in range(2):  # warmup makes the first step's lr small; two steps move the policy
-        worker.update(Pairs(prompts, chosen, rejected), ref_c, ref_r, LossSettings(beta=0.1), global_pairs=len(prompts))
+        worker.update(Pairs(prompts, chosen, rejected), LossSettings(beta=0.1), len(prompts), ref=(ref_c, ref_r))
     after_policy = worker.sequence_logps(prompts, chosen)
     assert not torch.allclose(after_policy, worker.sequence_logps(prompts, chosen, opponent=True))
     worker.refresh_opponent()

@@ -78,10 +78,10 @@ def test_sft_mask_selects_the_chosen_responses_the_nll_trains_on(tiny_task, tmp_
     worker.start_schedule(10)
     sft = LossSettings(beta=0.1, loss_type="sft", sft_weight=1.0)
     before = [p.detach().clone() for p in worker.policy.parameters()]
-    m = worker.update(Pairs(prompts, chosen, rejected, sft_mask=[0.0, 0.0]), zeros, zeros, sft, global_pairs=2)
+    m = worker.update(Pairs(prompts, chosen, rejected, sft_mask=[0.0, 0.0]), sft, global_pairs=2, ref=(zeros, zeros))
     assert (m["loss"], m["train/sft_share"]) == (0.0, 0.0)
     assert all(torch.equal(a, p) for a, p in zip(before, worker.policy.parameters()))  # nothing to learn
-    m = worker.update(Pairs(prompts, chosen, rejected, sft_mask=[1.0, 0.0]), zeros, zeros, sft, global_pairs=2)
+    m = worker.update(Pairs(prompts, chosen, rejected, sft_mask=[1.0, 0.0]), sft, global_pairs=2, ref=(zeros, zeros))
     assert m["loss"] == pytest.approx(nll[0].item() / 2, rel=1e-5)  # pair 0's NLL, over both pairs
     assert m["train/sft_share"] == 0.5 and m["train/sft_nll"] == pytest.approx(nll.mean().item(), rel=1e-5)
 

@@ -61,7 +61,7 @@ def check_greedy_after_update(worker):
     rejected = [r[0] for r in before.responses]
     ref_c, ref_r = worker.sequence_logps(prompts, chosen), worker.sequence_logps(prompts, rejected)
     worker.start_schedule(1)
-    worker.update(Pairs(prompts, chosen, rejected), ref_c, ref_r, LossSettings(beta=0.1), len(prompts))
+    worker.update(Pairs(prompts, chosen, rejected), LossSettings(beta=0.1), len(prompts), ref=(ref_c, ref_r))
     assert worker.weights_stale
 
     after_hf = hf_greedy()

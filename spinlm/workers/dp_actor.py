@@ -92,9 +92,11 @@ class DataParallelActor:
         module.train(was_training)
         return out
 
-    def preference_step(self, pairs: Pairs, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, loss: LossSettings,
-                        optimizer, *, grad_clip: float, loss_denominator: float | None = None) -> dict[str, float]:
-        """One optimizer step over `pairs` (split into micro-batches, gradients accumulated).
+    def preference_step(self, pairs: Pairs, ref_chosen: torch.Tensor | None, ref_rejected: torch.Tensor | None,
+                        loss: LossSettings, optimizer, *, grad_clip: float,
+                        loss_denominator: float | None = None) -> dict[str, float]:
+        """One optimizer step over `pairs` (split into micro-batches, gradients accumulated). The reference's
+        log-probs ref_chosen / ref_rejected are not read (may be None) when loss.reference_is_policy.
 
         Each micro-batch packs its chosen and rejected sequences into ONE forward. Each pair's loss is divided by
         loss_denominator (default: the number of pairs here; under data parallelism, global pairs / world size, since

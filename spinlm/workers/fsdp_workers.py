@@ -282,7 +282,16 @@ class PolicyWorker:
     def has_schedule(self) -> bool:
         return self.optimizer is not None
 
-    def update(self, pairs: Pairs, ref_chosen, ref_rejected, loss: LossSettings, global_pairs: int) -> dict[str, float]:
+    def update(self, pairs: Pairs, loss: LossSettings, global_pairs: int,
+               ref: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
+        """One optimizer step over this rank's pairs. `ref`: the reference's (chosen, rejected) log-probs; None:
+        computed here with the resident opponent, on these very pairs, padding copies included (so every rank runs
+        the same number of forwards): the numbers sequence_logps(opponent=True) on the same split gives. A step whose
+        reference is the policy itself (loss.reference_is_policy) needs none: the policy's own log-probs stand in."""
+        if ref is None and not loss.reference_is_policy:
+            ref = (self.sequence_logps(pairs.prompts, pairs.chosen, opponent=True),
+                   self.sequence_logps(pairs.prompts, pairs.rejected, opponent=True))
+        ref_chosen, ref_rejected = ref if ref is not None else (None, None)
         lr = self.scheduler.get_last_lr()[0]
         metrics = self.actor.preference_step(pairs, ref_chosen, ref_rejected, loss, self.optimizer,
                                              grad_clip=self.cfg.actor.grad_clip,

@@ -1,8 +1,13 @@
 """Worker groups: the trainer's one handle on the ranks, in-process (world size 1) or Ray actors (N ranks).
 
-The driver splits work and gathers results: prompts across ranks for rollout, sequences for log-prob passes, pairs
-for the update (each rank's loss divided by global pairs / world size, since FSDP averages gradients). Ranks must
-run the same number of forwards (FSDP all-gathers in each), so a short rank gets zero-weight padding copies.
+`WorkerGroup` is the contract: the methods the trainer calls, and the driver's split and gather. It splits prompts
+across ranks for rollout, sequences for log-prob passes and pairs for the update (each rank's loss divided by global
+pairs / world size, since FSDP averages gradients), and combines the ranks' metrics. Ranks must run the same number
+of forwards (FSDP all-gathers in each), so a short rank gets zero-weight padding copies.
+
+How a call travels to the ranks is the subclasses' part, and only that: `LocalWorkerGroup` calls one in-process
+PolicyWorker, `RayWorkerGroup` one Ray actor per rank. Calls name the PolicyWorker method itself
+(`self._each(PolicyWorker.update, ...)`); only at the Ray boundary does it travel as its name.
 """
 from __future__ import annotations
 
@@ -12,7 +17,9 @@ import signal
 import socket
 import tempfile
 import threading
+from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -22,6 +29,7 @@ from spinlm.pairs import Pairs
 from spinlm.rollout.hf_rollout import Rollout
 from spinlm.seeding import GLOBAL, seed_for
 from spinlm.workers.dp_actor import LossSettings
+from spinlm.workers.fsdp_workers import PolicyWorker
 
 MEAN_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                 "logps/rejected", "logps/ref_chosen", "logps/ref_rejected", "train/sft_nll", "train/sft_share")
@@ -56,68 +64,85 @@ def combine_metrics(per_rank: list[dict]) -> dict:
     return out
 
 
-class LocalWorkerGroup:
-    """One in-process worker: the default, no Ray needed."""
+class WorkerGroup(ABC):
+    """What the trainer calls, identical for every group; subclasses only carry a call to the ranks (`_each`)."""
 
-    world_size = 1
+    def __init__(self, world_size: int):
+        self.world_size = world_size
 
-    def __init__(self, cfg, model_path: str, *, keep_opponent: bool):
-        from spinlm.workers.fsdp_workers import PolicyWorker
+    @abstractmethod
+    def _each(self, method: Callable[..., Any], per_rank_args: list[tuple], **kwargs) -> list:
+        """`method(worker, *per_rank_args[r], **kwargs)` on every rank r's PolicyWorker; the results in rank order."""
 
-        self.worker = PolicyWorker(cfg, model_path, keep_opponent=keep_opponent)
+    def _all(self, method: Callable[..., Any], *args, **kwargs) -> list:
+        """The same call on every rank."""
+        return self._each(method, [args] * self.world_size, **kwargs)
 
-    def _call(self, method: str, *args, **kwargs):
-        return getattr(self.worker, method)(*args, **kwargs)
+    @abstractmethod
+    def shutdown(self) -> None:
+        """Stop the ranks and what they started."""
 
-    def _each(self, method: str, per_rank_args: list[tuple], **kwargs) -> list:
-        return [self._call(method, *per_rank_args[0], **kwargs)]
-
-    def _all(self, method: str, *args, **kwargs) -> list:
-        return [self._call(method, *args, **kwargs)]
-
-    # ---- what the trainer calls (identical for every group) -------------------------------------------------------
+    # ---- split and gather -------------------------------------------------------------------------------------------
     def generate(self, prompts, params, seed: int, keys: list[int], desc: str = "generate") -> Rollout:
         """``keys``: each prompt's stable id. A sample depends on (seed, key, sample index, position) only, so the
         split across ranks changes nothing."""
         parts = [(prompts[c.start : c.stop], params, seed, desc, keys[c.start : c.stop])
                  for c in even_chunks(len(prompts), self.world_size)]
-        outs = self._each("generate", parts)
+        outs = self._each(PolicyWorker.generate, parts)
         return Rollout(sum((o.responses for o in outs), []), sum((o.ended for o in outs), []))
 
     def sequence_logps(self, prompts, responses, *, opponent: bool = False) -> torch.Tensor:
         chunks, real = padded_split(list(zip(prompts, responses)), self.world_size)
-        outs = self._each("sequence_logps", [([p for p, _ in c], [r for _, r in c]) for c in chunks], opponent=opponent)
+        outs = self._each(PolicyWorker.sequence_logps, [([p for p, _ in c], [r for _, r in c]) for c in chunks],
+                          opponent=opponent)
         return torch.cat([o[:n] for o, n in zip(outs, real)])
 
-    def update(self, pairs: Pairs, ref_chosen, ref_rejected, loss: LossSettings) -> dict:
+    def update(self, pairs: Pairs, loss: LossSettings, ref: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+        """One optimizer step over `pairs`, split across ranks. `ref`: the reference's (chosen, rejected) log-probs,
+        precomputed (mode spin: once per round, before its epochs); None: each rank computes them for its share,
+        padding copies included, with its resident opponent (online_dpo), so each pair travels to the ranks once.
+        The split is the one sequence_logps makes, so the numbers are the same either way."""
         idx_chunks, real = padded_split(list(range(len(pairs))), self.world_size)
         args = []
         for idx, n in zip(idx_chunks, real):
             part = pairs.select(idx)
             part.weights = [1.0] * n + [0.0] * (len(idx) - n)
-            args.append((part, ref_chosen[idx], ref_rejected[idx], loss))
-        return combine_metrics(self._each("update", args, global_pairs=len(pairs)))
+            args.append((part, loss, len(pairs), None if ref is None else (ref[0][idx], ref[1][idx])))
+        return combine_metrics(self._each(PolicyWorker.update, args))
 
+    # ---- the same call on every rank ----------------------------------------------------------------------------------
     def start_schedule(self, total_steps: int) -> None:
-        self._all("start_schedule", total_steps)
+        self._all(PolicyWorker.start_schedule, total_steps)
 
     def has_schedule(self) -> bool:
-        return self._all("has_schedule")[0]
+        return self._all(PolicyWorker.has_schedule)[0]
 
     def skip_step(self) -> None:
-        self._all("skip_step")
+        self._all(PolicyWorker.skip_step)
 
     def refresh_opponent(self) -> None:
-        self._all("refresh_opponent")
+        self._all(PolicyWorker.refresh_opponent)
 
     def save(self, path, with_optimizer: bool) -> None:
-        self._all("save", str(path), with_optimizer)
+        self._all(PolicyWorker.save, str(path), with_optimizer)
 
     def load_optimizer(self, path, total_steps: int) -> None:
-        self._all("load_optimizer", str(path), total_steps)
+        self._all(PolicyWorker.load_optimizer, str(path), total_steps)
 
     def peak_memory_bytes(self) -> int:
-        return max(self._all("peak_memory_bytes"))
+        return max(self._all(PolicyWorker.peak_memory_bytes))
+
+
+class LocalWorkerGroup(WorkerGroup):
+    """One in-process worker: the default, no Ray needed."""
+
+    def __init__(self, cfg, model_path: str, *, keep_opponent: bool):
+        super().__init__(world_size=1)
+        self.worker = PolicyWorker(cfg, model_path, keep_opponent=keep_opponent)
+
+    def _each(self, method: Callable[..., Any], per_rank_args: list[tuple], **kwargs) -> list:
+        (args,) = per_rank_args
+        return [method(self.worker, *args, **kwargs)]
 
     def shutdown(self) -> None:
         self.worker.close()
@@ -131,8 +156,6 @@ class RankActor:
         import torch.distributed as dist
         from omegaconf import OmegaConf
 
-        from spinlm.workers.fsdp_workers import PolicyWorker
-
         os.environ.update({**env, "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port), "RANK": str(rank),
                            "WORLD_SIZE": str(world_size), "LOCAL_RANK": "0"})  # Ray pins one GPU per actor
         cfg = OmegaConf.create(cfg_container)
@@ -143,8 +166,9 @@ class RankActor:
         torch.manual_seed(seed_for(cfg, GLOBAL))
         self.worker = PolicyWorker(cfg, model_path, keep_opponent=keep_opponent)
 
-    def call(self, method: str, *args, **kwargs):
-        return getattr(self.worker, method)(*args, **kwargs)
+    def call(self, method_name: str, *args, **kwargs):
+        """The one place a PolicyWorker method travels by name: Ray sends the name, not the function."""
+        return getattr(self.worker, method_name)(*args, **kwargs)
 
 
 def _free_port() -> int:
@@ -153,15 +177,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class RayWorkerGroup(LocalWorkerGroup):
+class RayWorkerGroup(WorkerGroup):
     """N Ray actors, one torch.distributed rank each (gloo on CPU, NCCL on GPU), FSDP2-sharded."""
 
     def __init__(self, cfg, model_path: str, *, keep_opponent: bool, run_dir: Path):
-        import ray
+        import ray  # optional: only a run with more than one rank (or trainer.launcher=ray) needs it
         from omegaconf import OmegaConf
 
+        super().__init__(world_size=world_size_of(cfg))
         self.ray = ray
-        self.world_size = world_size_of(cfg)
+        self.actors: list = []
         self.started_ray = False
         # ray.init replaces the driver's SIGTERM handler with its own (exit 1, stack dumps): keep the caller's, which
         # for the CLI unwinds like Ctrl-C so that shutdown() below runs
@@ -187,7 +212,7 @@ class RayWorkerGroup(LocalWorkerGroup):
             self.actors = [remote.remote(container, model_path, keep_opponent, r, self.world_size, addr, port,
                                          {**env, "SPINLM_RANK": str(r)})
                            for r in range(self.world_size)]
-            self._all("has_schedule")  # wait until every rank has joined the group and loaded the model
+            self._all(PolicyWorker.has_schedule)  # wait until every rank has joined the group and loaded the model
         except BaseException:
             self.shutdown()
             raise
@@ -229,21 +254,21 @@ class RayWorkerGroup(LocalWorkerGroup):
                 raise UserError(f"rank {rank} failed:\n{exc}") from exc
         return [results[r] for r in range(len(refs))]
 
-    def _each(self, method: str, per_rank_args: list[tuple], **kwargs) -> list:
-        return self._gather([a.call.remote(method, *args, **kwargs) for a, args in zip(self.actors, per_rank_args)])
-
-    def _all(self, method: str, *args, **kwargs) -> list:
-        return self._gather([a.call.remote(method, *args, **kwargs) for a in self.actors])
+    def _each(self, method: Callable[..., Any], per_rank_args: list[tuple], **kwargs) -> list:
+        name = method.__name__
+        if getattr(PolicyWorker, name, None) is not method:  # the actor looks the name up on its PolicyWorker
+            raise TypeError(f"{method!r} is not a PolicyWorker method")
+        return self._gather([a.call.remote(name, *args, **kwargs) for a, args in zip(self.actors, per_rank_args)])
 
     def shutdown(self) -> None:
-        for a in getattr(self, "actors", []):
+        for a in self.actors:
             self.ray.kill(a)
         self.actors = []
         if self.started_ray and self.ray.is_initialized():
             self.ray.shutdown()
 
 
-def make_worker_group(cfg, model_path: str, *, keep_opponent: bool, run_dir: Path):
+def make_worker_group(cfg, model_path: str, *, keep_opponent: bool, run_dir: Path) -> WorkerGroup:
     launcher = cfg.trainer.launcher
     if launcher == "auto":
         launcher = "ray" if world_size_of(cfg) > 1 else "local"
