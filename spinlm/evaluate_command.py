@@ -80,17 +80,18 @@ def evaluate_model_dir(cfg, model_path: Path, val_items_for) -> dict[str, float]
 
     from spinlm.evaluate import evaluate_accuracy, evaluate_pass_at_k
     from spinlm.rewards import get_reward_fn
-    from spinlm.modeling import autocast_context, load_model, load_tokenizer, master_dtype, pick_device
+    from spinlm.modeling import (autocast_context, check_vocab_fits, load_model, load_tokenizer, master_dtype,
+                                 pick_device, tokenizer_source)
 
     has_tokenizer = (model_path / "tokenizer_config.json").is_file()
-    tokenizer_path = str(model_path) if has_tokenizer else cfg.model.tokenizer_path
-    if tokenizer_path is None:
+    if not has_tokenizer and cfg.model.tokenizer_path is None:
         raise UserError(f"{model_path}: holds no tokenizer (no tokenizer_config.json); pass model.tokenizer_path=DIR")
-    tokenizer = load_tokenizer(tokenizer_path, cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(tokenizer_source(cfg.model, model_path), cfg.model.trust_remote_code)
     device = pick_device(cfg.trainer.device)
     # as the trainer runs it: fp32 weights under autocast when model.dtype is bf16/fp16 (mixed precision)
     model = load_model(str(model_path), dtype=master_dtype(cfg.model.dtype), attn_implementation=cfg.model.attn_implementation,
                        device=device, trust_remote_code=cfg.model.trust_remote_code).eval()
+    check_vocab_fits(tokenizer, model, str(model_path))
     items = val_items_for(tokenizer)
     reward_fn = get_reward_fn(cfg.reward)
     log.info("evaluating %s: %d prompts, greedy%s", model_path, len(items),

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from spinlm.config import load_config, resolved
-from spinlm.main_spin import load_items
+from spinlm.data.items import load_items
 from spinlm.modeling import load_tokenizer
 from spinlm.pairs import Pairs
 from spinlm.workers.dp_actor import LossSettings
@@ -26,7 +26,7 @@ LORA = ["model.lora.rank=4", "model.lora.alpha=8", "actor.lr=1e-2"]
 
 def step_pairs(cfg, steps: int, per_step: int) -> list[Pairs]:
     tok = load_tokenizer(cfg.model.path)
-    items, _ = load_items(cfg, tok, cfg.data.train_files, need_response=True)
+    items, _ = load_items(cfg.data, tok, cfg.data.train_files, need_response=True)
     out = []
     for s in range(steps):
         part = items[s * per_step : (s + 1) * per_step]

@@ -28,11 +28,12 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 
 from spinlm.choices import LR_SCHEDULERS, OPTIMIZERS
 from spinlm.crash_points import crash_point
-from spinlm.modeling import (DTYPES, MIXED_PRECISION, autocast_context, disable_dropout,
+from spinlm.modeling import (DTYPES, MIXED_PRECISION, autocast_context, check_vocab_fits, disable_dropout,
                              enable_gradient_checkpointing, eos_ids_of, load_model, load_tokenizer, master_dtype,
-                             pick_device, resolve_attn_implementation)
+                             pick_device, resolve_attn_implementation, tokenizer_source)
 from spinlm.pairs import Pairs
 from spinlm.rollout.hf_rollout import Rollout, SamplingParams, generate
+from spinlm.run_dir import is_complete_checkpoint
 from spinlm.seeding import GLOBAL, VLLM_ENGINE, seed_for
 from spinlm.workers.dp_actor import DataParallelActor, LossSettings
 from spinlm.workers.logprobs import ResponseLogProbs, pack_sequences
@@ -121,7 +122,9 @@ class PolicyWorker:
         self.world_size = dist.get_world_size() if self.distributed else 1
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.device = pick_device(cfg.trainer.device, local_rank)
-        self.tokenizer = load_tokenizer(cfg.model.tokenizer_path or model_path, cfg.model.trust_remote_code)
+        # a resumed run starts from a checkpoint, whose own tokenizer comes first (the rule the driver uses too)
+        checkpoint = model_path if is_complete_checkpoint(model_path) else None
+        self.tokenizer = load_tokenizer(tokenizer_source(cfg.model, checkpoint), cfg.model.trust_remote_code)
         self.attn_implementation = resolve_attn_implementation(cfg.model.attn_implementation, self.device)
         # Single process, mixed precision is torch.autocast around every forward; sharded, FSDP2 casts.
         self.autocast = (lambda: nullcontext()) if self.distributed else (
@@ -163,6 +166,7 @@ class PolicyWorker:
         model = load_model(path, dtype=master_dtype(c.dtype),
                            attn_implementation=self.attn_implementation, device=device,
                            trust_remote_code=c.trust_remote_code)
+        check_vocab_fits(self.tokenizer, model, f"model.path={path}")
         disable_dropout(model)
         if c.gradient_checkpointing and not frozen:
             enable_gradient_checkpointing(model)
