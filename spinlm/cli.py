@@ -12,9 +12,9 @@ import sys
 # (measured: a smoke run 54 s -> 8 s at load 4 on 2 cores). Must be set before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from spinlm.config import ConfigError, load_config, to_yaml
+from spinlm.config import load_config, to_yaml
+from spinlm.errors import ConfigError, Terminated, UserError
 from spinlm.data.example import DataError
-from spinlm.errors import Terminated, UserError
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 

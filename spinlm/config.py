@@ -13,15 +13,9 @@ from typing import Iterable, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
+from spinlm.errors import ConfigError
+
 log = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-    """A configuration problem (or several): each line names the key, its value and the rule broken."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = list(problems)
-        super().__init__("\n".join(f"- {p}" for p in self.problems))
 
 
 def _config_dir() -> Path:

@@ -25,7 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from spinlm import choices
-from spinlm.config import ConfigError, available_presets, default_config, load_config, world_size
+from spinlm.config import available_presets, default_config, load_config, world_size
+from spinlm.errors import ConfigError
 from spinlm.extras import missing_extra
 from spinlm.hub import hub_problem
 from spinlm.tracking import missing_logger_libraries

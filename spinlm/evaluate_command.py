@@ -15,8 +15,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from spinlm.config import ConfigError, default_config, load_config, load_run_config, resolved
-from spinlm.errors import UserError
+from spinlm.config import default_config, load_config, load_run_config, resolved
+from spinlm.errors import ConfigError, UserError
 from spinlm.run_dir import CHECKPOINTS_DIR, STATE_FILE, RunDir, complete_checkpoints, run_dir_of_checkpoint
 
 log = logging.getLogger(__name__)

@@ -285,7 +285,7 @@ def translate(user: DictConfig, world_size: Callable[[DictConfig], int]) -> tupl
     """The user's overrides with every verl key replaced by its spinlm key, and one line per verl key saying what
     became of it. `world_size(cfg)` gives the ranks of the overrides so far (for verl's global micro-batch).
     Raises ConfigError naming every verl key that asks for something spinlm does not do."""
-    from spinlm.config import ConfigError
+    from spinlm.errors import ConfigError
 
     raw = OmegaConf.to_container(user, resolve=False)
     leaves = _leaves(raw)

@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 from omegaconf import OmegaConf
 
-from spinlm.config import ConfigError, load_config
+from spinlm.config import load_config
+from spinlm.errors import ConfigError
 from spinlm.config_check import ENUMS, check_config, validate
 from spinlm.extras import install_hint
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from spinlm.config import ConfigError, load_config
+from spinlm.config import load_config
+from spinlm.errors import ConfigError, UserError
 from spinlm.config_check import check_eval_config
-from spinlm.errors import UserError
 from spinlm.evaluate import pass_at_k_metrics
 from spinlm.evaluate_command import evaluate_path, find_checkpoints, format_table
 from spinlm.data.items import load_val_items

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from spinlm.config import ConfigError
-from spinlm.errors import UserError
+from spinlm.errors import ConfigError, UserError
 from spinlm.report import read_metrics, write_report
 
 PLOTS = ("loss", "margins", "accuracies", "sft_nll", "logps", "val_accuracy", "response_length")

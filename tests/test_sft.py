@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from spinlm.config import ConfigError, load_config
+from spinlm.config import load_config
+from spinlm.errors import ConfigError
 from spinlm.data.dataset import TokenizedExample, tokenize_examples
 from spinlm.data.example import DataError, Example
 from spinlm.sft import run_sft_from_config, sft_batch, train_sft

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from spinlm.config import ConfigError
+from spinlm.errors import ConfigError
 from spinlm.tasks.arith import generate_problems, to_rows
 from spinlm.tasks.build import build_tiny_task
 from spinlm.tasks.tiny_model import build_model, train_tokenizer

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from spinlm.cli import main
-from spinlm.config import ConfigError, load_config
+from spinlm.config import load_config
+from spinlm.errors import ConfigError
 
 
 def run_spin_sh(model: Path, data: Path) -> list[str]:
