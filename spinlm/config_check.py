@@ -767,13 +767,18 @@ SFT_RULES: tuple[Rule, ...] = (
 )
 
 
-def check_config(cfg: DictConfig) -> list[str]:
-    """Every problem with ``cfg``, each a line naming the key, its value and the rule; [] when the run may start."""
+def _apply(cfg: DictConfig, rules: tuple[Rule, ...]) -> list[str]:
+    """The shared type, NaN and unknown-key checks of the tree, then each rule in turn."""
     problems, values = _read_tree(cfg)
     v = _Values(values)
-    for rule in RULES:
+    for rule in rules:
         problems += rule(v)
     return problems
+
+
+def check_config(cfg: DictConfig) -> list[str]:
+    """Every problem with ``cfg``, each a line naming the key, its value and the rule; [] when the run may start."""
+    return _apply(cfg, RULES)
 
 
 def check_eval_config(cfg: DictConfig) -> list[str]:
@@ -792,11 +797,7 @@ def check_eval_config(cfg: DictConfig) -> list[str]:
 
 def check_sft_config(cfg: DictConfig) -> list[str]:
     """The problems that matter to `spinlm sft`: the shared type, NaN and unknown-key checks, then SFT_RULES."""
-    problems, values = _read_tree(cfg)
-    v = _Values(values)
-    for rule in SFT_RULES:
-        problems += rule(v)
-    return problems
+    return _apply(cfg, SFT_RULES)
 
 
 def validate_sft(cfg: DictConfig) -> None:
