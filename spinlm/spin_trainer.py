@@ -129,8 +129,10 @@ class SpinTrainer:
         initial = cfg.algorithm.reference == "initial"  # then the reference is the resident frozen start model
         self.policy_is_opponent = not initial or t == 0  # the initial reference is the policy until round 1 trains
         with self.timer("ref_logps"):  # the opponent IS the policy now: its log-probs become numbers, one model stays
-            ref_chosen = self.workers.sequence_logps(pairs.prompts, pairs.chosen, opponent=initial)
-            ref_rejected = self.workers.sequence_logps(pairs.prompts, pairs.rejected, opponent=initial)
+            ref_chosen = self.workers.sequence_logps(pairs.prompts, pairs.chosen, opponent=initial,
+                                                     desc=f"round {t + 1} reference log-probs (chosen)")
+            ref_rejected = self.workers.sequence_logps(pairs.prompts, pairs.rejected, opponent=initial,
+                                                       desc=f"round {t + 1} reference log-probs (rejected)")
         batch = cfg.trainer.train_batch_size
         steps_per_epoch = math.ceil(len(pairs) / batch)
         self.workers.start_schedule(steps_per_epoch * cfg.trainer.epochs_per_round)

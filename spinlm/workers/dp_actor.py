@@ -6,6 +6,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 from torch.distributed.tensor import DTensor
 
 from spinlm.core_algos import preference_loss
@@ -78,17 +79,22 @@ class DataParallelActor:
             return module(batch)
 
     @torch.no_grad()
-    def sequence_logps(self, prompts: list[list[int]], responses: list[list[int]], module=None) -> torch.Tensor:
-        """SUM of response-token log-probs for each (prompt, response) under `module` (default: the policy). fp32, CPU."""
+    def sequence_logps(self, prompts: list[list[int]], responses: list[list[int]], module=None,
+                       desc: str | None = None) -> torch.Tensor:
+        """SUM of response-token log-probs for each (prompt, response) under `module` (default: the policy). fp32, CPU.
+        ``desc``: show a progress bar under that name (None: no bar)."""
         module = module if module is not None else self.module
         was_training = module.training
         module.eval()
         # two sequences per pair in training, so a log-prob pass fits twice micro_batch_size sequences
         lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
         out = torch.empty(len(prompts), dtype=torch.float32)
+        bar = tqdm(total=len(prompts), desc=desc, unit="seq", disable=desc is None, leave=False)
         for idx in micro_batches(lengths, max_items=2 * self.micro_batch_size, max_tokens=self.max_tokens):
             logps, _ = self._logps(module, [prompts[i] for i in idx], [responses[i] for i in idx])
             out[idx] = logps.float().cpu()
+            bar.update(len(idx))
+        bar.close()
         module.train(was_training)
         return out
 

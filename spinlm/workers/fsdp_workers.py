@@ -250,15 +250,16 @@ class PolicyWorker:
             self.vllm.push_weights((name, local(p).detach()) for name, p in self.model.named_parameters())
         self.weights_stale = False
 
-    def sequence_logps(self, prompts, responses, *, opponent: bool = False) -> torch.Tensor:
+    def sequence_logps(self, prompts, responses, *, opponent: bool = False, desc: str | None = None) -> torch.Tensor:
+        desc = desc if self.rank == 0 else None  # one bar, from rank 0
         if opponent and self.peft is not None:  # LoRA: the opponent is the base, i.e. the policy without its adapter
             with self.peft.disable_adapter():
-                return self.actor.sequence_logps(prompts, responses, module=self.policy)
+                return self.actor.sequence_logps(prompts, responses, module=self.policy, desc=desc)
         if opponent and self.opponent is None:
             raise RuntimeError("sequence_logps(opponent=True) but no resident opponent (mode spin keeps numbers, not a copy)")
         module = self.opponent if opponent else self.policy
         with self.on_device(module if opponent and self.offload_opponent and not self.distributed else None):
-            logps = self.actor.sequence_logps(prompts, responses, module=module)
+            logps = self.actor.sequence_logps(prompts, responses, module=module, desc=desc)
         if self.distributed:
             reshard(module)
         return logps

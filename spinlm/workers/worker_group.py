@@ -91,10 +91,10 @@ class WorkerGroup(ABC):
         outs = self._each(PolicyWorker.generate, parts)
         return Rollout(sum((o.responses for o in outs), []), sum((o.ended for o in outs), []))
 
-    def sequence_logps(self, prompts, responses, *, opponent: bool = False) -> torch.Tensor:
+    def sequence_logps(self, prompts, responses, *, opponent: bool = False, desc: str | None = None) -> torch.Tensor:
         chunks, real = padded_split(list(zip(prompts, responses)), self.world_size)
         outs = self._each(PolicyWorker.sequence_logps, [([p for p, _ in c], [r for _, r in c]) for c in chunks],
-                          opponent=opponent)
+                          opponent=opponent, desc=desc)
         return torch.cat([o[:n] for o, n in zip(outs, real)])
 
     def update(self, pairs: Pairs, loss: LossSettings, ref: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
