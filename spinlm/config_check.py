@@ -29,6 +29,7 @@ from spinlm.config import available_presets, default_config, load_config, world_
 from spinlm.errors import ConfigError
 from spinlm.extras import missing_extra
 from spinlm.hub import hub_problem
+from spinlm.run_dir import RunDir
 from spinlm.tracking import missing_logger_libraries
 
 logger = logging.getLogger(__name__)
@@ -660,6 +661,12 @@ def _check_output_dirs(v: _Values) -> list[str]:
             found = _writable_problem(key, v[key])
             if found:
                 problems.append(found)
+    if v.has("trainer.output_dir") and v["trainer.output_dir"] and v["trainer.output_dir"].strip():
+        run = RunDir(Path(v["trainer.output_dir"]).expanduser())
+        for folder in (run.checkpoints, run.rounds):  # folders a run writes its results into
+            if folder.exists() and not folder.is_dir():
+                problems.append(f"trainer.output_dir={_fmt(v['trainer.output_dir'])}: {folder} is a file where the run "
+                                "keeps a folder; move it away or pick another trainer.output_dir")
     return problems
 
 

@@ -74,6 +74,11 @@ def _latest_outside(work: Path, run_dir: Path, tiny: Path) -> None:
     (run_dir / "checkpoints" / "latest").write_text("../../work/elsewhere/3\n")
 
 
+def _checkpoints_file(work: Path, run_dir: Path, tiny: Path) -> None:
+    """A file named checkpoints where the run keeps its checkpoint folder (a stray copy, a wrong mv)."""
+    (run_dir / "checkpoints").write_text("not a folder")
+
+
 def _checkpoint_without_optimizer(work: Path, run_dir: Path, tiny: Path) -> None:
     """An online_dpo checkpoint whose optimizer folder was lost (deleted, or not copied along)."""
     _complete_checkpoint(run_dir / "checkpoints" / "1")
@@ -86,6 +91,7 @@ MAKERS: dict[str, Callable[[Path, Path, Path], None]] = {
     "dangling_latest": _dangling_latest,
     "latest_outside": _latest_outside,
     "checkpoint_without_optimizer": _checkpoint_without_optimizer,
+    "checkpoints_file": _checkpoints_file,
 }
 
 

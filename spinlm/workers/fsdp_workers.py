@@ -28,6 +28,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 
 from spinlm.choices import LR_SCHEDULERS, OPTIMIZERS
 from spinlm.crash_points import crash_point
+from spinlm.errors import UserError
 from spinlm.modeling import (DTYPES, MIXED_PRECISION, autocast_context, check_vocab_fits, disable_dropout,
                              enable_gradient_checkpointing, eos_ids_of, load_model, load_tokenizer, master_dtype,
                              pick_device, resolve_attn_implementation, tokenizer_source)
@@ -356,7 +357,15 @@ class PolicyWorker:
         self.start_schedule(total_steps)
         state = {"optimizer": get_optimizer_state_dict(self.policy, self.optimizer),
                  "scheduler": self.scheduler.state_dict()}
-        dcp.load(state, checkpoint_id=str(folder), no_dist=not self.distributed)
+        try:
+            dcp.load(state, checkpoint_id=str(folder), no_dist=not self.distributed)
+        except (Exception, dcp.CheckpointException) as exc:  # DCP wraps each rank's error (a BaseException)
+            failures = getattr(exc, "failures", None)
+            reason = next(iter(failures.values()))[0] if failures else exc
+            what = f"{type(reason).__name__}: {reason}" if str(reason) else type(reason).__name__
+            raise UserError(f"{folder}: the optimizer state cannot be read ({what}); the "
+                            "checkpoint is damaged. Write the name of an earlier checkpoint into "
+                            f"{Path(path).parent / 'latest'}, or pick a new trainer.output_dir") from exc
         set_optimizer_state_dict(self.policy, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         # The saved learning rate belongs to the saved schedule; a resume with more rounds has a longer one, so
