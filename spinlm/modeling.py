@@ -37,11 +37,16 @@ def tokenizer_source(model_cfg, checkpoint: str | Path | None = None) -> str:
     return str(model_cfg.tokenizer_path or model_cfg.path)
 
 
+def one_line(exc: BaseException) -> str:
+    """A library's multi-line error message, on one line (it is quoted inside ours)."""
+    return " ".join(str(exc).split())
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:  # no tokenizer files, a corrupt tokenizer.json, an unreachable hub
-        raise UserError(f"{path}: cannot load a tokenizer from it ({type(exc).__name__}: {exc}); point "
+        raise UserError(f"{path}: cannot load a tokenizer from it ({type(exc).__name__}: {one_line(exc)}); point "
                         "model.tokenizer_path at a folder with tokenizer.json and tokenizer_config.json") from exc
     declared = _declared_tokenizer_class(path)
     if declared in GENERIC_TOKENIZER_CLASSES and type(tok).__name__ not in GENERIC_TOKENIZER_CLASSES:
@@ -82,9 +87,9 @@ def load_model(path: str, *, dtype: str, attn_implementation: str, device, trust
             path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
             attn_implementation=resolve_attn_implementation(attn_implementation, torch.device(device)))
     except (OSError, SafetensorError) as exc:  # no weights, a truncated or corrupt safetensors file, no network
-        raise UserError(f"{path}: cannot load the model weights ({type(exc).__name__}: {exc}). A checkpoint cut "
-                        "short (a full disk, a copy interrupted) cannot be repaired: use an earlier checkpoint or "
-                        "the original model folder") from exc
+        raise UserError(f"{path}: cannot load the model weights ({type(exc).__name__}: {one_line(exc)}). A "
+                        "checkpoint cut short (a full disk, a copy interrupted) cannot be repaired: use an earlier "
+                        "checkpoint or the original model folder") from exc
     return model.to(device)
 
 

@@ -53,6 +53,38 @@ def _model_without_chat_template(work: Path, run_dir: Path, tiny: Path) -> None:
     assert not any("chat_template" in p.read_text(errors="replace") for p in model.glob("*.json"))
 
 
+def _model_copy(work: Path, tiny: Path, *, leave_out: tuple[str, ...] = ()) -> Path:
+    model = work / "model"
+    shutil.copytree(tiny / "sft_model", model, ignore=shutil.ignore_patterns(*leave_out))
+    return model
+
+
+def _model_without_weights(work: Path, run_dir: Path, tiny: Path) -> None:
+    """A model folder whose safetensors file was never copied (config and tokenizer only)."""
+    _model_copy(work, tiny, leave_out=("*.safetensors",))
+
+
+def _model_with_truncated_weights(work: Path, run_dir: Path, tiny: Path) -> None:
+    """A copy cut short, as a full disk or an interrupted download leaves it."""
+    weights = _model_copy(work, tiny) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:4096])
+
+
+def _model_without_tokenizer(work: Path, run_dir: Path, tiny: Path) -> None:
+    """Weights and config, but none of the tokenizer's files."""
+    _model_copy(work, tiny, leave_out=("tokenizer*", "chat_template.jinja", "special_tokens_map.json"))
+
+
+def _tokenizer_with_extra_tokens(work: Path, run_dir: Path, tiny: Path) -> None:
+    """The model's tokenizer with tokens added but the embedding never resized."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny / "sft_model")
+    rows = json.loads((tiny / "sft_model" / "config.json").read_text())["vocab_size"]
+    tok.add_tokens([f"<extra_{i}>" for i in range(rows - len(tok) + 8)])
+    tok.save_pretrained(work / "tokenizer")
+
+
 def _dangling_latest(work: Path, run_dir: Path, tiny: Path) -> None:
     """checkpoints/latest names a checkpoint folder that is not there (deleted by hand, or a partial copy)."""
     (run_dir / "checkpoints").mkdir()
@@ -92,6 +124,10 @@ MAKERS: dict[str, Callable[[Path, Path, Path], None]] = {
     "latest_outside": _latest_outside,
     "checkpoint_without_optimizer": _checkpoint_without_optimizer,
     "checkpoints_file": _checkpoints_file,
+    "model_without_weights": _model_without_weights,
+    "model_with_truncated_weights": _model_with_truncated_weights,
+    "model_without_tokenizer": _model_without_tokenizer,
+    "tokenizer_with_extra_tokens": _tokenizer_with_extra_tokens,
 }
 
 
@@ -158,7 +194,8 @@ def launched(request, tiny_task, tmp_path_factory):
         paths = {"bad": BAD, "tiny": tiny_task, "work": work}
         args = ["preset=smoke", f"trainer.output_dir={run_dir}", *(_fill(o, paths) for o in case["overrides"])]
         before = _snapshot(run_dir)  # taken before the launch starts, never racing it
-        started[case["id"]] = (pool.submit(_launch, args, env), run_dir, before, None)
+        case_env = {**env, **{k: str(v) for k, v in case.get("env", {}).items()}}
+        started[case["id"]] = (pool.submit(_launch, args, case_env), run_dir, before, None)
     yield started
     pool.shutdown(wait=True)
 
@@ -177,7 +214,7 @@ def test_corpus_is_complete():
     unused = [p.name for p in BAD.iterdir() if p.name not in ("cases.yaml", "__pycache__") and f"{{bad}}/{p.name}" not in used]
     assert unused == []
     for case in CASES:
-        assert case["expect"] and set(case) <= {"id", "overrides", "expect", "make", "xfail"}, case["id"]
+        assert case["expect"] and set(case) <= {"id", "overrides", "expect", "make", "xfail", "env"}, case["id"]
         assert case.get("make") in (None, *MAKERS), case["id"]
 
 
