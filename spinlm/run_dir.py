@@ -3,18 +3,31 @@ and read. No other module spells these names; they ask this one for the paths.
 
     <run>/.lock                        held while a run uses the directory: an advisory fcntl lock, and the holder's pid
     <run>/config.yaml                  the resolved config of the last start (written atomically)
+    <run>/run.json                     the run's identity (written atomically): the config and input fingerprints it
+                                       was started with ("start") and those of its last start ("current"), which the
+                                       next start is compared with
+    <run>/config_history.jsonl         one JSON row per start (appended): when, what kind of start, which settings
+                                       changed (old -> new) and whether trainer.allow_config_change forced them
     <run>/rounds.json                  the round table (written atomically)
     <run>/metrics.jsonl                one JSON row per logged step (tracking.Tracker appends; pruned on a restart)
     <run>/rounds/<t>/pairs.parquet     round t's judged pairs: text, scores and token ids (written atomically)
     <run>/checkpoints/<t>/             round t's checkpoint: the Hugging Face model folder (written by the workers,
-                                       with optimizer/ in online_dpo, and a model card), trainer_state.pt written last
+                                       with optimizer/ in online_dpo, and a model card), trainer_state.pt, then
+                                       checksums.json (the sha256 of every other file), written last
     <run>/checkpoints/.tmp-<t>/        a checkpoint being written; renamed to <t> once complete
     <run>/checkpoints/latest           the name of the last COMPLETE checkpoint (written atomically, after the folder)
     <run>/report/                      `spinlm report`'s output (spinlm/report.py)
     <run>/tensorboard/ mlruns/ wandb/  the optional trackers' own folders (spinlm/tracking.py)
 
 Rounds are numbered from 1 in every name (round t is the trainer's 0-based round t - 1). A checkpoint folder
-without trainer_state.pt, or not named by `latest`, is never loaded.
+without trainer_state.pt, or not named by `latest`, is never loaded; one whose files no longer match its
+checksums.json is refused, naming the file and the newest earlier checkpoint that verifies (checkpoints saved
+before checksums existed load unverified).
+
+Input fingerprints (run.json): for every file of the model folder(s) and the data and reward files, its size,
+mtime_ns and a sha256: of the whole file below 64 MiB, else of its first and last MiB. A small file counts as
+changed when its size or hash differ (a copy with a new mtime is the same input); a large one also when its mtime_ns
+differs, since its middle is not hashed. Names starting with "." inside a model folder (.git, .cache) are skipped.
 
 One run at a time: ``run_lock`` takes the lock before anything in the directory is read or written and holds it
 for the whole run. The kernel drops an fcntl lock when its process dies, however it dies, so a lock file left by
@@ -23,12 +36,14 @@ a killed run is stale (its lock is free) and is taken over, with a line saying s
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -41,6 +56,8 @@ from spinlm.pairs import Pairs, RoundPairs
 
 LOCK_FILE = ".lock"
 CONFIG_FILE = "config.yaml"
+RUN_RECORD_FILE = "run.json"
+HISTORY_FILE = "config_history.jsonl"
 ROUND_TABLE_FILE = "rounds.json"
 METRICS_FILE = "metrics.jsonl"
 ROUNDS_DIR = "rounds"
@@ -48,6 +65,7 @@ PAIRS_FILE = "pairs.parquet"
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
 STATE_FILE = "trainer_state.pt"
+CHECKSUMS_FILE = "checksums.json"
 TMP_CHECKPOINT_PREFIX = ".tmp-"
 REPORT_DIR = "report"
 
@@ -59,7 +77,7 @@ class RunDirLocked(UserError):
 
 
 class CheckpointError(UserError):
-    """checkpoints/latest names a checkpoint that is not complete."""
+    """checkpoints/latest names a checkpoint that is not complete, or whose files do not match their checksums."""
 
 
 class RunDir:
@@ -75,6 +93,14 @@ class RunDir:
     @property
     def config(self) -> Path:
         return self.root / CONFIG_FILE
+
+    @property
+    def record(self) -> Path:
+        return self.root / RUN_RECORD_FILE
+
+    @property
+    def history(self) -> Path:
+        return self.root / HISTORY_FILE
 
     @property
     def round_table(self) -> Path:
@@ -195,8 +221,9 @@ def read_round_table(run_dir: Path) -> list[dict]:
 
 # ---- metrics -------------------------------------------------------------------------------------------------------
 def drop_unfinished_metrics(run_dir: Path, done_rounds: int) -> None:
-    """Rows of rounds that never completed (a run killed mid-round, or a fresh start over an old run directory)
-    would be logged again: keep only completed rounds' rows. A line cut short by a kill is dropped too."""
+    """Rows of rounds that never completed (a run killed mid-round, whose start goes on from its last checkpoint or
+    redoes its first round) would be logged again: keep only completed rounds' rows. A line cut short by a kill is
+    dropped too."""
     path = RunDir(run_dir).metrics
     if not path.exists():
         return
@@ -209,6 +236,194 @@ def drop_unfinished_metrics(run_dir: Path, done_rounds: int) -> None:
         if done_rounds > 0 and row["round"] <= done_rounds:
             keep.append(line)
     write_text_atomic(path, "".join(line + "\n" for line in keep))
+
+
+def metrics_rounds(run_dir: Path) -> list[int]:
+    """The rounds metrics.jsonl has rows of (0: the evaluation before training), in order; a cut line is skipped."""
+    path = RunDir(run_dir).metrics
+    rounds: set[int] = set()
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("round"), int):
+                rounds.add(row["round"])
+    return sorted(rounds)
+
+
+# ---- the run's identity: its record, its history, the fingerprints of its inputs ----------------------------------
+FULL_HASH_LIMIT = 64 * 2**20  # files below this size are hashed whole
+EDGE_BYTES = 2**20            # of a larger file, its first and last MiB are hashed (with its size and mtime_ns)
+WHOLE = "whole"
+EDGES = "first and last MiB"
+
+
+def now_utc() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _edges_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        digest.update(fh.read(EDGE_BYTES))
+        fh.seek(-EDGE_BYTES, os.SEEK_END)
+        digest.update(fh.read(EDGE_BYTES))
+    return digest.hexdigest()
+
+
+def fingerprint_file(path: Path) -> dict:
+    """size, mtime_ns and a sha256 (of the whole file below FULL_HASH_LIMIT, else of its first and last MiB)."""
+    stat = Path(path).stat()
+    whole = stat.st_size < FULL_HASH_LIMIT
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+            "sha256": file_sha256(path) if whole else _edges_sha256(path), "hashed": WHOLE if whole else EDGES}
+
+
+def fingerprint_paths(paths: list[str]) -> dict[str, dict]:
+    """Each file's fingerprint by its absolute path: a file itself; a folder (a model), every file under it but
+    names starting with "." (.git, .cache: not the model). A path that is not there (a hub id) has none."""
+    out: dict[str, dict] = {}
+    for path in map(Path, paths):
+        path = path.absolute()
+        if path.is_file():
+            out[str(path)] = fingerprint_file(path)
+        elif path.is_dir():
+            for f in sorted(path.rglob("*")):
+                if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts):
+                    out[str(f)] = fingerprint_file(f)
+    return out
+
+
+def same_file(old: dict, new: dict) -> bool:
+    """Two fingerprints of one path show the same input: same size and hash (for a file hashed whole, a new mtime
+    alone is a copy or a touch); for a large file, whose middle is not hashed, the same mtime_ns too."""
+    if (old.get("size"), old.get("sha256"), old.get("hashed")) != (new["size"], new["sha256"], new["hashed"]):
+        return False
+    return new["hashed"] == WHOLE or old.get("mtime_ns") == new["mtime_ns"]
+
+
+def changed_files(old: dict[str, dict], new: dict[str, dict]) -> list[tuple[str, dict | None, dict | None]]:
+    """(path, old fingerprint or None if added, new fingerprint or None if gone) for each path that differs."""
+    return [(p, old.get(p), new.get(p)) for p in sorted(old.keys() | new.keys())
+            if p not in old or p not in new or not same_file(old[p], new[p])]
+
+
+def describe_file_change(path: str, old: dict | None, new: dict | None) -> str:
+    if old is None:
+        return f"{path}: new (not there at the run's last start)"
+    if new is None:
+        return f"{path}: gone (it was there at the run's last start)"
+    what = []
+    if old.get("size") != new["size"]:
+        what.append(f"size {old.get('size')} -> {new['size']} bytes")
+    if old.get("sha256") != new["sha256"]:
+        what.append(f"sha256 {str(old.get('sha256'))[:12]}... -> {new['sha256'][:12]}...")
+    if not what:  # a large file: only its modification time tells
+        stamp = lambda ns: datetime.fromtimestamp(ns / 1e9, timezone.utc).isoformat(timespec="seconds")  # noqa: E731
+        what.append(f"modified {stamp(old.get('mtime_ns', 0))} -> {stamp(new['mtime_ns'])}")
+    return f"{path}: changed since the run's last start ({', '.join(what)})"
+
+
+@dataclass
+class RunRecord:
+    """run.json: the run's first start and its last one, each {"time", "config" (resolved, local paths absolute),
+    "files" ({config key: {absolute path: fingerprint}})}. The next start is compared with ``current``."""
+
+    start: dict
+    current: dict
+
+
+def read_run_record(run_dir: Path) -> RunRecord | None:
+    """The run's record; None for a new directory or one from before spinlm kept it."""
+    path = RunDir(run_dir).record
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc}); restore it from a copy, or move it away to start "
+                        "without the config comparison (it is then written anew)") from exc
+    parts = [data.get(k) for k in ("start", "current")] if isinstance(data, dict) else [None]
+    if not all(isinstance(p, dict) and isinstance(p.get("config"), dict) and isinstance(p.get("files"), dict)
+               for p in parts):
+        raise UserError(f"{path}: expected the run's record (start and current, each with its config and files); "
+                        "restore it from a copy, or move it away to start without the config comparison")
+    return RunRecord(data["start"], data["current"])
+
+
+def write_run_record(run_dir: Path, record: RunRecord) -> None:
+    write_text_atomic(RunDir(run_dir).record,
+                      json.dumps({"format": 1, "start": record.start, "current": record.current}, indent=1))
+
+
+def append_history(run_dir: Path, row: dict) -> None:
+    """Append one start's row to config_history.jsonl (with its time), fsynced: a kill can cut only this line."""
+    with open(RunDir(run_dir).history, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"time": now_utc(), **row}) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_history(run_dir: Path) -> list[dict]:
+    """config_history.jsonl's rows, oldest first ([] before the first start); a line cut by a kill is skipped."""
+    path = RunDir(run_dir).history
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+@dataclass
+class Leftovers:
+    """What earlier starts left in a run directory that has no checkpoint to continue from: a new start would drop
+    these metrics and overwrite these rounds, and the report would mix the rest in."""
+
+    metrics_rounds: list[int]  # the rounds metrics.jsonl has rows of
+    pair_rounds: list[int]     # rounds/<t>/pairs.parquet
+    round_table: bool          # rounds.json (written after a round's checkpoint)
+    checkpoints: list[str]     # complete checkpoints that checkpoints/latest does not name
+
+    def __bool__(self) -> bool:
+        return bool(self.metrics_rounds or self.pair_rounds or self.round_table or self.checkpoints)
+
+    def of_first_round_only(self) -> bool:
+        """What a run stopped during its first round leaves: its metrics and pairs of round 1 (and the evaluation
+        before it), no round table, no checkpoint."""
+        return (not self.checkpoints and not self.round_table and set(self.pair_rounds) <= {1}
+                and set(self.metrics_rounds) <= {0, 1})
+
+    def describe(self, run_dir: Path) -> list[str]:
+        run = RunDir(run_dir)
+        out = []
+        if self.metrics_rounds:
+            rounds = [t for t in self.metrics_rounds if t != 0]  # round 0: the evaluation before training
+            parts = (["the evaluation before training"] if 0 in self.metrics_rounds else []) + (
+                [f"round{'s' if len(rounds) > 1 else ''} {', '.join(map(str, rounds))}"] if rounds else [])
+            out.append(f"{run.metrics.name} (rows of {' and '.join(parts)})")
+        out += [str(run.pairs(t).relative_to(run.root)) for t in self.pair_rounds]
+        if self.round_table:
+            out.append(run.round_table.name)
+        out += [f"{CHECKPOINTS_DIR}/{name}" for name in self.checkpoints]
+        return out
+
+
+def find_leftovers(run_dir: Path) -> Leftovers:
+    run = RunDir(run_dir)
+    done = [p.name for p in complete_checkpoints(run_dir)] if run.checkpoints.is_dir() else []
+    return Leftovers(metrics_rounds(run_dir), rounds_with_pairs(run_dir), run.round_table.is_file(), done)
 
 
 # ---- the trainer state and checkpoints -----------------------------------------------------------------------------
@@ -233,7 +448,8 @@ class TrainerState:
 
 
 def is_complete_checkpoint(folder: Path) -> bool:
-    """A checkpoint is complete once its trainer state is written (the last file of a save)."""
+    """A checkpoint is complete once its trainer state is written (after the model files; only checksums.json
+    follows it)."""
     return (Path(folder) / STATE_FILE).exists()
 
 
@@ -262,7 +478,64 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
         raise CheckpointError(f"{latest} names {path.name}, which is incomplete or missing ({STATE_FILE} not found): "
                               "trainer.resume=auto cannot continue this run; write the name of a complete checkpoint "
                               "folder into it, or pick a new trainer.output_dir")
+    problems = checksum_problems(path)
+    if problems:
+        raise CheckpointError(_damaged_checkpoint_message(run_dir, path, problems))
     return path
+
+
+def write_checksums(folder: Path) -> None:
+    """checksums.json: the size and sha256 of every file in the checkpoint folder (by its path inside it)."""
+    folder = Path(folder)
+    files = {f.relative_to(folder).as_posix(): {"size": f.stat().st_size, "sha256": file_sha256(f)}
+             for f in sorted(folder.rglob("*")) if f.is_file() and f.relative_to(folder).as_posix() != CHECKSUMS_FILE}
+    (folder / CHECKSUMS_FILE).write_text(json.dumps({"algorithm": "sha256", "files": files}, indent=1))
+
+
+def checksum_problems(folder: Path) -> list[str] | None:
+    """Each file of the checkpoint that is missing or whose bytes differ from its checksums.json, [] when all
+    match; None when it has no checksums.json (saved before checkpoints carried one: it loads unverified)."""
+    path = Path(folder) / CHECKSUMS_FILE
+    if not path.is_file():
+        return None
+    try:
+        files = json.loads(path.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        return [f"{path}: cannot be read ({type(exc).__name__}: {exc})"]
+    if not (isinstance(files, dict) and all(isinstance(v, dict) and isinstance(v.get("size"), int)
+                                            and isinstance(v.get("sha256"), str) for v in files.values())):
+        return [f"{path}: expected {{\"files\": {{path: {{\"size\": ..., \"sha256\": ...}}}}}}"]
+    problems = []
+    for name, want in files.items():
+        f = Path(folder) / name
+        if not f.is_file():
+            problems.append(f"{f}: missing (listed in {path.name})")
+        elif f.stat().st_size != want["size"] or file_sha256(f) != want["sha256"]:
+            problems.append(f"{f}: its bytes differ from the sha256 recorded in {path.name} when the checkpoint was "
+                            "saved (damaged, or changed since)")
+    return problems
+
+
+def _damaged_checkpoint_message(run_dir: Path, path: Path, problems: list[str]) -> str:
+    latest = RunDir(run_dir).latest
+    earlier = [p for p in reversed(complete_checkpoints(run_dir))
+               if path.name.isdigit() and int(p.name) < int(path.name)]
+    good, unverified = None, False
+    for candidate in earlier:  # newest first
+        found = checksum_problems(candidate)
+        if not found:
+            good, unverified = candidate, found is None
+            break
+    lines = "\n".join(f"  {p}" for p in problems)
+    head = (f"{CHECKPOINTS_DIR}/{path.name} (named by {latest}) does not match its {CHECKSUMS_FILE}, so "
+            f"trainer.resume=auto will not load it:\n{lines}\n")
+    if good is None:
+        return head + ("No earlier checkpoint of this run verifies: restore the file(s) from a copy, or pick a new "
+                       "trainer.output_dir. Nothing was deleted.")
+    note = f" (saved before checkpoints carried {CHECKSUMS_FILE}: not verified)" if unverified else ""
+    return head + (f"The newest earlier checkpoint that verifies is {CHECKPOINTS_DIR}/{good.name}{note}: to continue "
+                   f"from it, write its name into {latest} (echo {good.name} > {latest}) and run again; the rounds "
+                   "after it are redone. Nothing was deleted.")
 
 
 def load_trainer_state(checkpoint: Path) -> TrainerState:
@@ -275,7 +548,8 @@ def load_trainer_state(checkpoint: Path) -> TrainerState:
 def save_checkpoint(run_dir: Path, name: str, save_model: Callable[[Path], None], state: TrainerState,
                     keep_last: int | None = None) -> Path:
     """Write checkpoints/<name> atomically: save_model(folder) writes the model files into a temporary folder,
-    the trainer state goes in last, everything is fsynced, the folder renamed, and only then does `latest` move.
+    the trainer state and then checksums.json go in last, everything is fsynced, the folder renamed, and only then
+    does `latest` move.
     keep_last: keep only that many complete checkpoints (this one always)."""
     import torch
 
@@ -289,6 +563,7 @@ def save_checkpoint(run_dir: Path, name: str, save_model: Callable[[Path], None]
         save_model(tmp)
         crash_point("checkpoint_write")
         torch.save(state.state_dict(), tmp / STATE_FILE)
+        write_checksums(tmp)  # of every file, the trainer state included: the resume verifies them
         _fsync_tree(tmp)
     except BaseException:  # an error, Ctrl-C or SIGTERM mid-save: no half checkpoint is left behind
         # best effort (under Ray a rank may still be writing into it); the next save removes any rest

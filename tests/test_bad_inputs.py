@@ -117,6 +117,22 @@ def _checkpoint_without_optimizer(work: Path, run_dir: Path, tiny: Path) -> None
     (run_dir / "checkpoints" / "latest").write_text("1\n")
 
 
+def _earlier_run_pairs(work: Path, run_dir: Path, tiny: Path) -> None:
+    """An earlier run's round-1 pairs beside its metrics, and no checkpoint (deleted, or never written)."""
+    (run_dir / "rounds" / "1").mkdir(parents=True)
+    (run_dir / "rounds" / "1" / "pairs.parquet").write_bytes(b"PAR1 an earlier run's pairs PAR1")
+
+
+def _damaged_checkpoint(work: Path, run_dir: Path, tiny: Path) -> None:
+    """A checkpoint whose trainer state no longer matches the checksum recorded when it was saved."""
+    from spinlm.run_dir import write_checksums
+
+    _complete_checkpoint(run_dir / "checkpoints" / "1")
+    write_checksums(run_dir / "checkpoints" / "1")
+    (run_dir / "checkpoints" / "1" / "trainer_state.pt").write_bytes(b"damaged on disk")
+    (run_dir / "checkpoints" / "latest").write_text("1\n")
+
+
 MAKERS: dict[str, Callable[[Path, Path, Path], None]] = {
     "unreadable_copy": _unreadable_copy,
     "model_without_chat_template": _model_without_chat_template,
@@ -128,6 +144,8 @@ MAKERS: dict[str, Callable[[Path, Path, Path], None]] = {
     "model_with_truncated_weights": _model_with_truncated_weights,
     "model_without_tokenizer": _model_without_tokenizer,
     "tokenizer_with_extra_tokens": _tokenizer_with_extra_tokens,
+    "earlier_run_pairs": _earlier_run_pairs,
+    "damaged_checkpoint": _damaged_checkpoint,
 }
 
 

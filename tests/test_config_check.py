@@ -103,8 +103,11 @@ def test_unknown_keys_with_suggestion(files, override, expected):
     ("data.prompts_per_round=some", "data.prompts_per_round=some: expected null or an integer"),
     ("algorithm.beta=[0.1,x]", "algorithm.beta=[0.1, x]: expected a number or a list of numbers (the default is 0.1)"),
     ("trainer=5", "trainer=5: expected a section with keys rounds, epochs_per_round, train_batch_size, seed, "
-                  "output_dir, resume, device, launcher, n_gpus_per_node, nnodes, cpu_workers, log_every, eval_before_training, "
-                  "val_pass_k, keep_last_checkpoints, max_bad_steps, collapse_threshold, stop_on_collapse, logger, log_samples, threads"),
+                  "output_dir, resume, allow_config_change, device, launcher, n_gpus_per_node, nnodes, cpu_workers, "
+                  "log_every, eval_before_training, val_pass_k, keep_last_checkpoints, max_bad_steps, "
+                  "collapse_threshold, stop_on_collapse, logger, log_samples, threads"),
+    ("trainer.allow_config_change=yes please", "trainer.allow_config_change=yes please: expected a boolean "
+                                               "(true/false) (the default is false)"),
 ])
 def test_types(files, override, expected):
     assert problems_for(files, override) == [expected]

@@ -3,6 +3,8 @@ exits 2 at once naming the holder's pid and touches nothing; a lock left by a ki
 files written and read back: the round's pairs, the round table, checkpoints and the trainer state."""
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import subprocess
@@ -13,10 +15,11 @@ from pathlib import Path
 import pytest
 
 from spinlm.pairs import Pairs, RoundPairs
-from spinlm.run_dir import (LOCK_FILE, CheckpointError, RunDir, RunDirLocked, TrainerState, complete_checkpoints,
-                            latest_checkpoint, load_trainer_state, read_pairs, read_pairs_table, read_round_table,
-                            rounds_with_pairs, run_lock, save_checkpoint, write_pairs, write_round_table,
-                            write_text_atomic)
+from spinlm.run_dir import (CHECKSUMS_FILE, LOCK_FILE, STATE_FILE, CheckpointError, RunDir, RunDirLocked,
+                            TrainerState, changed_files, checksum_problems, complete_checkpoints,
+                            describe_file_change, fingerprint_paths, latest_checkpoint, load_trainer_state,
+                            read_pairs, read_pairs_table, read_round_table, rounds_with_pairs, run_lock,
+                            save_checkpoint, write_pairs, write_round_table, write_text_atomic)
 
 
 def _snapshot(root: Path) -> dict[str, bytes | None]:
@@ -174,3 +177,95 @@ def test_the_round_table_round_trips_and_is_empty_before_the_first_round(tmp_pat
     write_round_table(tmp_path, table)
     assert read_round_table(tmp_path) == table
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rounds.json"]
+
+
+def test_a_checkpoint_records_its_checksums_and_a_missing_file_is_refused_naming_it(tmp_path):
+    run = RunDir(tmp_path)
+    for name in ("1", "2"):
+        save_checkpoint(tmp_path, name, _write_model, TrainerState(int(name), 4 * int(name), 0, []))
+    sums = json.loads((run.checkpoint("2") / CHECKSUMS_FILE).read_text())
+    assert sums == {"algorithm": "sha256", "files": {
+        "model.safetensors": {"size": 7, "sha256": hashlib.sha256(b"weights").hexdigest()},
+        STATE_FILE: {"size": (run.checkpoint("2") / STATE_FILE).stat().st_size,
+                     "sha256": hashlib.sha256((run.checkpoint("2") / STATE_FILE).read_bytes()).hexdigest()}}}
+    assert checksum_problems(run.checkpoint("2")) == []
+    assert latest_checkpoint(tmp_path) == run.checkpoint("2")
+    (run.checkpoint("2") / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError) as refused:
+        latest_checkpoint(tmp_path)
+    assert str(refused.value) == (
+        f"checkpoints/2 (named by {run.latest}) does not match its checksums.json, so trainer.resume=auto will not "
+        f"load it:\n  {run.checkpoint('2') / 'model.safetensors'}: missing (listed in checksums.json)\n"
+        f"The newest earlier checkpoint that verifies is checkpoints/1: to continue from it, write its name into "
+        f"{run.latest} (echo 1 > {run.latest}) and run again; the rounds after it are redone. Nothing was deleted.")
+    assert sorted(p.name for p in run.checkpoints.iterdir()) == ["1", "2", "latest"]  # nothing deleted
+
+
+def test_with_no_earlier_checkpoint_that_verifies_the_message_says_so(tmp_path):
+    run = RunDir(tmp_path)
+    for name in ("1", "2"):
+        save_checkpoint(tmp_path, name, _write_model, TrainerState(int(name), 0, 0, []))
+        (run.checkpoint(name) / "model.safetensors").write_bytes(b"weighTs")  # the same size, other bytes
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: its bytes differ from the sha256 recorded in "
+                                              r"checksums\.json when the checkpoint was saved \(damaged, or changed "
+                                              r"since\)\nNo earlier checkpoint of this run verifies: restore the "
+                                              r"file\(s\) from a copy, or pick a new trainer\.output_dir\. Nothing "
+                                              r"was deleted\.$"):
+        latest_checkpoint(tmp_path)
+
+
+def test_a_checkpoint_saved_before_checksums_loads_unverified_and_counts_as_the_one_to_go_back_to(tmp_path):
+    run = RunDir(tmp_path)
+    for name in ("1", "2"):
+        save_checkpoint(tmp_path, name, _write_model, TrainerState(int(name), 0, 0, []))
+    (run.checkpoint("1") / CHECKSUMS_FILE).unlink()  # as an older spinlm saved it
+    run.latest.write_text("1\n")
+    assert checksum_problems(run.checkpoint("1")) is None
+    assert latest_checkpoint(tmp_path) == run.checkpoint("1")
+    run.latest.write_text("2\n")
+    (run.checkpoint("2") / STATE_FILE).write_bytes(b"not the state")
+    with pytest.raises(CheckpointError, match=r"newest earlier checkpoint that verifies is checkpoints/1 \(saved "
+                                              r"before checkpoints carried checksums\.json: not verified\)"):
+        latest_checkpoint(tmp_path)
+
+
+def test_fingerprints_see_edits_not_copies_and_skip_hidden_names(tmp_path):
+    model = tmp_path / "model"
+    (model / ".git").mkdir(parents=True)
+    (model / ".git" / "HEAD").write_text("ref")
+    (model / "config.json").write_text('{"a": 1}')
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "1+1"}\n')
+    before = fingerprint_paths([str(model), str(data), "org/a-hub-id"])
+    assert sorted(before) == [str(model / "config.json"), str(data)]  # no .git, nothing for a hub id
+    assert before[str(data)] == {"size": 18, "mtime_ns": data.stat().st_mtime_ns, "sha256": hashlib.sha256(
+        data.read_bytes()).hexdigest(), "hashed": "whole"}
+    os.utime(data, ns=(1, 1))  # touched (or copied without its times): the same input
+    assert changed_files(before, fingerprint_paths([str(model), str(data)])) == []
+    data.write_text('{"prompt": "1+2"}\n')  # the same size, one character other
+    after = fingerprint_paths([str(model), str(data)])
+    assert changed_files(before, after) == [(str(data), before[str(data)], after[str(data)])]
+    assert describe_file_change(str(data), before[str(data)], after[str(data)]) == (
+        f"{data}: changed since the run's last start (sha256 {before[str(data)]['sha256'][:12]}... -> "
+        f"{after[str(data)]['sha256'][:12]}...)")
+    (model / "extra.bin").write_bytes(b"x")
+    assert [(p, a is None) for p, a, _ in changed_files(before, fingerprint_paths([str(model), str(data)]))] == [
+        (str(model / "extra.bin"), True), (str(data), False)]  # a new file, an edited one (by path)
+
+
+def test_a_large_file_is_hashed_at_its_ends_and_its_mtime_counts(tmp_path):
+    big = tmp_path / "model.safetensors"
+    with open(big, "wb") as fh:  # sparse: 65 MiB on no disk
+        fh.truncate(65 * 2**20)
+    before = fingerprint_paths([str(big)])[str(big)]
+    assert before["hashed"] == "first and last MiB"
+    assert before["sha256"] == hashlib.sha256(bytes(2 * 2**20)).hexdigest()
+    os.utime(big, ns=(before["mtime_ns"] + 10**9, before["mtime_ns"] + 10**9))
+    moved = fingerprint_paths([str(big)])[str(big)]
+    assert changed_files({str(big): before}, {str(big): moved}) == [(str(big), before, moved)]
+    assert describe_file_change(str(big), before, moved).startswith(f"{big}: changed since the run's last start "
+                                                                     "(modified ")
+    with open(big, "r+b") as fh:
+        fh.seek(-1, os.SEEK_END)
+        fh.write(b"\x01")
+    assert fingerprint_paths([str(big)])[str(big)]["sha256"] != before["sha256"]
