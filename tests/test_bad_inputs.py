@@ -53,7 +53,10 @@ def _model_without_chat_template(work: Path, run_dir: Path, tiny: Path) -> None:
     assert not any("chat_template" in p.read_text(errors="replace") for p in model.glob("*.json"))
 
 
-def _model_copy(work: Path, tiny: Path, *, leave_out: tuple[str, ...] = ()) -> Path:
+def _model_copy(work: Path, tiny: Path, run_dir: Path, *, leave_out: tuple[str, ...] = ()) -> Path:
+    """A copy of the tiny task's SFT model, for a new run: an earlier run's metrics in the run directory would be
+    refused first (before any model loads), so the case starts from a run directory of its own."""
+    (run_dir / "metrics.jsonl").unlink()
     model = work / "model"
     shutil.copytree(tiny / "sft_model", model, ignore=shutil.ignore_patterns(*leave_out))
     return model
@@ -61,18 +64,18 @@ def _model_copy(work: Path, tiny: Path, *, leave_out: tuple[str, ...] = ()) -> P
 
 def _model_without_weights(work: Path, run_dir: Path, tiny: Path) -> None:
     """A model folder whose safetensors file was never copied (config and tokenizer only)."""
-    _model_copy(work, tiny, leave_out=("*.safetensors",))
+    _model_copy(work, tiny, run_dir, leave_out=("*.safetensors",))
 
 
 def _model_with_truncated_weights(work: Path, run_dir: Path, tiny: Path) -> None:
     """A copy cut short, as a full disk or an interrupted download leaves it."""
-    weights = _model_copy(work, tiny) / "model.safetensors"
+    weights = _model_copy(work, tiny, run_dir) / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:4096])
 
 
 def _model_without_tokenizer(work: Path, run_dir: Path, tiny: Path) -> None:
     """Weights and config, but none of the tokenizer's files."""
-    _model_copy(work, tiny, leave_out=("tokenizer*", "chat_template.jinja", "special_tokens_map.json"))
+    _model_copy(work, tiny, run_dir, leave_out=("tokenizer*", "chat_template.jinja", "special_tokens_map.json"))
 
 
 def _tokenizer_with_extra_tokens(work: Path, run_dir: Path, tiny: Path) -> None:
@@ -83,6 +86,7 @@ def _tokenizer_with_extra_tokens(work: Path, run_dir: Path, tiny: Path) -> None:
     rows = json.loads((tiny / "sft_model" / "config.json").read_text())["vocab_size"]
     tok.add_tokens([f"<extra_{i}>" for i in range(rows - len(tok) + 8)])
     tok.save_pretrained(work / "tokenizer")
+    (run_dir / "metrics.jsonl").unlink()  # a new run (see _model_copy)
 
 
 def _dangling_latest(work: Path, run_dir: Path, tiny: Path) -> None:
@@ -256,6 +260,6 @@ def test_debug_prints_the_traceback(tiny_task, tmp_path):
                      _child_env(tiny_task))
     assert result.returncode != 0
     assert "Traceback (most recent call last)" in result.stderr
-    assert re.search(r"spinlm\.config\.ConfigError: - trainer\.rounds=abc: expected an integer", result.stderr), \
+    assert re.search(r"spinlm\.errors\.ConfigError: - trainer\.rounds=abc: expected an integer", result.stderr), \
         result.stderr[-2000:]
     assert not (tmp_path / "run").exists()
