@@ -281,6 +281,18 @@ def strip_hydra_prefix(override: str) -> str:
     return override.lstrip("+")
 
 
+def same_in_spinlm(key: str, value: Any) -> bool:
+    """A key both verl and spinlm have (data.val_max_samples) with a value that means the same in both: a plain
+    spinlm override, nothing to translate or to say."""
+    rule = VERL_KEYS.get(key)
+    if rule is None or rule.target != key or rule.per_rank:
+        return False
+    try:
+        return (rule.convert(value) if rule.convert else value) == value
+    except Refused:
+        return False
+
+
 def translate(user: DictConfig, world_size: Callable[[DictConfig], int]) -> tuple[DictConfig, list[str]]:
     """The user's overrides with every verl key replaced by its spinlm key, and one line per verl key saying what
     became of it. `world_size(cfg)` gives the ranks of the overrides so far (for verl's global micro-batch).
@@ -289,14 +301,14 @@ def translate(user: DictConfig, world_size: Callable[[DictConfig], int]) -> tupl
 
     raw = OmegaConf.to_container(user, resolve=False)
     leaves = _leaves(raw)
-    if not any(is_verl_key(k, v) for k, v in leaves):
+    if not any(is_verl_key(k, v) and not same_in_spinlm(k, v) for k, v in leaves):
         return user, []
     out = OmegaConf.create()
     lines: list[str] = []
     problems: list[str] = []
     per_rank: list[tuple[str, Any]] = []
     for key, value in leaves:
-        if not is_verl_key(key, value):
+        if not is_verl_key(key, value) or same_in_spinlm(key, value):
             OmegaConf.update(out, key, value, merge=True)
             continue
         rule = VERL_KEYS.get(key) or (_NO_CRITIC if key.startswith("critic.") else None)

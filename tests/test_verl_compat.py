@@ -146,3 +146,13 @@ def test_run_spin_sh_trains_on_the_tiny_task(tiny_task, tmp_path, capsys):
 
 def test_critic_keys_change_nothing():
     assert "critic" not in load_config(["critic.optim.lr=1e-5", "critic.ppo_micro_batch_size_per_gpu=4"])
+
+
+def test_a_key_spinlm_shares_with_verl_is_a_plain_override(caplog):
+    """data.val_max_samples=8 means the same in both: no translation line, no recipe note; -1 is verl's 'all'."""
+    with caplog.at_level("INFO", logger="spinlm"):
+        cfg = load_config(["data.val_max_samples=8"])
+    assert cfg.data.val_max_samples == 8 and "verl" not in caplog.text
+    with caplog.at_level("INFO", logger="spinlm"):
+        cfg = load_config(["data.val_max_samples=-1"])
+    assert cfg.data.val_max_samples is None and "data.val_max_samples=-1 -> data.val_max_samples=None" in caplog.text
