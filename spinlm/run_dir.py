@@ -541,8 +541,15 @@ def _damaged_checkpoint_message(run_dir: Path, path: Path, problems: list[str]) 
 def load_trainer_state(checkpoint: Path) -> TrainerState:
     import torch  # here, not at the top: reading a run's files (the report) needs no torch
 
-    return TrainerState.from_state_dict(torch.load(Path(checkpoint) / STATE_FILE, weights_only=True,
-                                                   map_location="cpu"))
+    path = Path(checkpoint) / STATE_FILE
+    try:
+        saved = torch.load(path, weights_only=True, map_location="cpu")
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:  # cut short or damaged (a checkpoint from before
+        # checksums.json existed is not verified first)
+        raise CheckpointError(f"{path}: cannot be read ({type(exc).__name__}: {' '.join(str(exc).split())}); the "
+                              f"checkpoint is damaged: write the name of an earlier checkpoint into "
+                              f"{path.parent.parent / LATEST_FILE}, or pick a new trainer.output_dir") from exc
+    return TrainerState.from_state_dict(saved)
 
 
 def save_checkpoint(run_dir: Path, name: str, save_model: Callable[[Path], None], state: TrainerState,

@@ -269,3 +269,19 @@ def test_a_large_file_is_hashed_at_its_ends_and_its_mtime_counts(tmp_path):
         fh.seek(-1, os.SEEK_END)
         fh.write(b"\x01")
     assert fingerprint_paths([str(big)])[str(big)]["sha256"] != before["sha256"]
+
+
+def test_a_cut_trainer_state_is_named_not_a_traceback(tmp_path):
+    """A checkpoint from before checksums.json (not verified first) whose trainer state was cut short."""
+    import torch
+
+    from spinlm.run_dir import CheckpointError, load_trainer_state
+
+    folder = tmp_path / "checkpoints" / "2"
+    folder.mkdir(parents=True)
+    torch.save({"next_round": 2, "global_step": 4, "skipped_steps": 0, "table": []}, folder / "trainer_state.pt")
+    data = (folder / "trainer_state.pt").read_bytes()
+    (folder / "trainer_state.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=rf"{folder / 'trainer_state.pt'}: cannot be read \(.*write the name of "
+                                              rf"an earlier checkpoint into {tmp_path / 'checkpoints' / 'latest'}"):
+        load_trainer_state(folder)
