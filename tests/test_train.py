@@ -247,3 +247,20 @@ def test_samples_cut_at_the_length_limit_are_warned_about_once_per_round(tiny_ta
                    "template ends answers with the tokenizer's EOS"]
     rollout = [r for r in metrics(tmp_path / "run") if r["kind"] == "rollout"]
     assert rollout[0]["rollout/eos_rate"] == 0.0
+
+
+def test_a_damaged_optimizer_shard_is_named_not_a_traceback(tiny_task, tmp_path):
+    """online_dpo resumes its optimizer from DCP shards; one cut short in a checkpoint that has no checksums.json
+    (saved before spinlm wrote them, so nothing verifies it first) is named, with what to do."""
+    from spinlm.errors import UserError
+
+    common = ["algorithm.mode=online_dpo", "rollout.n=2", "data.prompts_per_round=null", "trainer.train_batch_size=8",
+              "algorithm.ref_update_every=1"]
+    run(smoke(tmp_path, "trainer.rounds=1", *common))
+    checkpoint = tmp_path / "run" / "checkpoints" / "1"
+    (checkpoint / "checksums.json").unlink()
+    (shard,) = (checkpoint / "optimizer").glob("*.distcp")
+    shard.write_bytes(shard.read_bytes()[:2000])
+    with pytest.raises(UserError, match=rf"{checkpoint / 'optimizer'}: the optimizer state cannot be read \(EOFError\); "
+                                        r"the checkpoint is damaged\. Write the name of an earlier checkpoint into "):
+        run(smoke(tmp_path, "trainer.rounds=2", *common))
