@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -107,3 +107,14 @@ def resolved(cfg: DictConfig) -> DictConfig:
 
 def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested dict's leaves by dotted key: {"trainer": {"rounds": 2}} -> {"trainer.rounds": 2}."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from spinlm import choices
-from spinlm.config import available_presets, default_config, load_config, world_size
+from spinlm.config import available_presets, default_config, flatten, load_config, world_size
 from spinlm.errors import ConfigError
 from spinlm.extras import missing_extra
 from spinlm.hub import hub_problem
@@ -173,17 +173,6 @@ def _kinds_of_default(key: str, default: Any) -> tuple[str, ...]:
 
 # ------------------------------------------------------------------------------------------------ the tree
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flatten(value, path + "."))
-        else:
-            out[path] = value
-    return out
-
-
 def _suggest(path: str, defaults: dict, all_leaves: list[str]) -> str | None:
     """The known key the user most likely meant: fix each path component against the defaults (typos), else the
     same leaf name in another section (actor.rounds -> trainer.rounds), else the closest full path."""
@@ -222,7 +211,7 @@ def _read_tree(cfg: DictConfig) -> tuple[list[str], dict[str, Any]]:
     """Unknown keys, missing and unresolvable values, and types. Returns the problems and the values that
     passed, by dotted key."""
     defaults = OmegaConf.to_container(default_config(), resolve=False)
-    default_leaves = _flatten(defaults)
+    default_leaves = flatten(defaults)
     raw = OmegaConf.to_container(cfg, resolve=False)
     problems: list[str] = []
     values: dict[str, Any] = {}
@@ -231,7 +220,7 @@ def _read_tree(cfg: DictConfig) -> tuple[list[str], dict[str, Any]]:
         for key, value in user.items():
             path = f"{prefix}{key}"
             if key not in known:
-                leaves = _flatten(value, path + ".") if isinstance(value, dict) and value else {path: value}
+                leaves = flatten(value, path + ".") if isinstance(value, dict) and value else {path: value}
                 for leaf, leaf_value in leaves.items():
                     guess = _suggest(leaf, defaults, list(default_leaves))
                     hint = f"; did you mean {guess}?" if guess else ""

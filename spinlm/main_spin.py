@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from spinlm.config import default_config, online_dpo_total_steps, resolved, to_yaml
+from spinlm.config import default_config, flatten, online_dpo_total_steps, resolved, to_yaml
 from spinlm.config_check import validate
 from spinlm.errors import UserError
 from spinlm.data.items import load_items, load_val_items
@@ -96,16 +96,6 @@ def _show(value: Any) -> str:
     return str(value) if value != "" else "''"
 
 
-def _leaves(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_leaves(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _absolute_if_local(value: Any) -> Any:
     """A path that exists here, made absolute; anything else (a hub id, null) as it is."""
     if isinstance(value, list):
@@ -150,8 +140,8 @@ class Change:
 def config_changes(last: dict, now: dict) -> list[Change]:
     """Each setting and input file that differs between the run's last start (run.json's current) and this one.
     A key the last start did not have (added to spinlm since) counts as its packaged default."""
-    old, new = _leaves(last["config"]), _leaves(now["config"])
-    defaults = _leaves(OmegaConf.to_container(default_config(), resolve=False))
+    old, new = flatten(last["config"]), flatten(now["config"])
+    defaults = flatten(OmegaConf.to_container(default_config(), resolve=False))
     changes = [Change(key, old.get(key, defaults.get(key)), value) for key, value in new.items()
                if key not in NOT_COMPARED and old.get(key, defaults.get(key)) != value]
     renamed = {c.key for c in changes}

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from spinlm.config import flatten
 from spinlm.errors import UserError
 from spinlm.extras import EXTRA_OF_TRACKER, missing_extra
 from spinlm.run_dir import RunDir
@@ -122,7 +123,7 @@ class _MlflowRun:
         if config:
             from mlflow.entities import Param
 
-            params = [Param(k, str(v)[:6000]) for k, v in _flatten(config).items()]
+            params = [Param(k, str(v)[:6000]) for k, v in flatten(config).items()]
             for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
                 self.client.log_batch(self.run_id, params=params[i : i + 100])
 
@@ -138,16 +139,6 @@ class _MlflowRun:
 
     def close(self, failed: bool) -> None:
         self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def samples_markdown(rows: list[dict], columns: list[str]) -> str:

@@ -444,9 +444,10 @@ def test_keys_the_mode_ignores_are_named():
 def _float_keys() -> list[str]:
     """Every key that takes a number (its default is a float, or its type override says so)."""
     from spinlm.config import default_config
-    from spinlm.config_check import _flatten, _kinds_of_default
+    from spinlm.config import flatten
+    from spinlm.config_check import _kinds_of_default
 
-    leaves = _flatten(OmegaConf.to_container(default_config(), resolve=False))
+    leaves = flatten(OmegaConf.to_container(default_config(), resolve=False))
     return [k for k, d in leaves.items() if {"float", "list[float]"} & set(_kinds_of_default(k, d))]
 
 

@@ -87,7 +87,8 @@ def test_more_rounds_resume_silently_with_a_history_row(tiny_task, tmp_path, cap
     with caplog.at_level(logging.INFO, logger="spinlm"):
         table = run(smoke(run_dir, "trainer.rounds=3", "trainer.logger=[jsonl]"))
     assert [r["round"] for r in table] == [1, 2, 3]
-    assert not [r for r in caplog.records if r.name == "spinlm.main_spin"]  # nothing said
+    said = [r.getMessage() for r in caplog.records if r.name == "spinlm.main_spin"]
+    assert len(said) == 1 and said[0].startswith(f"resuming from {run_dir / 'checkpoints' / '2'} (next round 3 of 3)")
     history = read_history(run_dir)
     assert [(h["start"], h["forced"]) for h in history] == [("new", False), ("resume", False)]
     assert history[1]["checkpoint"] == "checkpoints/2"
