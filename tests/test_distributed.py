@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -238,6 +239,7 @@ def two_nodes(tiny_task):
         for proc in reversed(nodes):
             stop_ray_node(proc)
     assert ray_processes_of(temp_root) == []
+    shutil.rmtree(temp_root)  # the nodes' sessions and logs
 
 
 def ranks_by_node(log: str) -> dict[int, str]:
