@@ -31,8 +31,9 @@ def default_config() -> DictConfig:
 
 
 def world_size(nnodes: int, n_gpus_per_node: int, cpu_workers: int) -> int:
-    """The number of ranks: nnodes x GPUs per node when GPUs are asked for, else the CPU ranks."""
-    return nnodes * n_gpus_per_node if n_gpus_per_node > 0 else cpu_workers
+    """The number of ranks: nnodes x the ranks per node, which are n_gpus_per_node GPU ranks when GPUs are asked
+    for, else cpu_workers CPU ranks (one node: cpu_workers)."""
+    return nnodes * (n_gpus_per_node if n_gpus_per_node > 0 else cpu_workers)
 
 
 def world_size_of(cfg) -> int:

@@ -473,7 +473,10 @@ def _check_batches(v: _Values) -> list[str]:
     world = world_size(nnodes, gpus, cpus)
     if batch % (micro * world) == 0:
         return []
-    how = f"trainer.nnodes x trainer.n_gpus_per_node = {nnodes} x {gpus}" if gpus > 0 else f"trainer.cpu_workers = {cpus}"
+    if gpus > 0:
+        how = f"trainer.nnodes x trainer.n_gpus_per_node = {nnodes} x {gpus}"
+    else:
+        how = f"trainer.nnodes x trainer.cpu_workers = {nnodes} x {cpus}" if nnodes > 1 else f"trainer.cpu_workers = {cpus}"
     return [f"trainer.train_batch_size={batch}: must be divisible by actor.micro_batch_size x world size = "
             f"{micro} x {world} = {micro * world} (world size = {how})"]
 

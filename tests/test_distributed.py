@@ -1,11 +1,20 @@
 """Ray actors as torch.distributed ranks (gloo on CPU) with FSDP2: the same numbers as one in-process rank,
-a dead rank reported by name with the checkpoint intact, and resume across world sizes."""
+a dead rank reported by name with the checkpoint intact, and resume across world sizes. On a real two-node Ray
+cluster (two `ray start` processes on this machine): one rank per node, placed on two nodes, the numbers of one
+rank; too few nodes refused at once; `ray job submit` runs a training job."""
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -16,6 +25,7 @@ pytest.importorskip("ray")
 
 from spinlm.config import load_config, resolved  # noqa: E402
 from spinlm.data.items import load_items  # noqa: E402
+from spinlm.errors import UserError  # noqa: E402
 from spinlm.pairs import Pairs  # noqa: E402
 from spinlm.workers.dp_actor import LossSettings  # noqa: E402
 from spinlm.modeling import load_tokenizer  # noqa: E402
@@ -154,3 +164,153 @@ def test_sigterm_under_ray_stops_cleanly(tiny_task, tmp_path):
     assert not list(run_dir.glob("checkpoints/.tmp-*")) and not (run_dir / "checkpoints" / "latest").exists()
     assert not (run_dir / ".lock").exists()
     assert ray_processes_of(run_dir) == []
+
+
+# ---- a real two-node Ray cluster -------------------------------------------------------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))  # the venv's ray, so every node runs the venv's python
+PLACEMENT = re.compile(r"ranks \[(\d+)\] on node ([0-9a-f]{56}) at ")
+
+
+def dashboard_missing() -> str | None:
+    """Why the installed Ray cannot run its dashboard (the job server `ray job submit` talks to), or None."""
+    try:
+        import ray.dashboard.optional_deps  # noqa: F401  (the import Ray itself uses to decide)
+    except ImportError as exc:
+        return f"{exc} (ray[default] is not installed)"
+    return None
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RayCluster:
+    address: str            # the head's GCS address, for ray.address
+    dashboard: str | None   # the job server's URL, when the dashboard runs
+    temp_root: Path
+
+
+def start_ray_node(args: list[str], log: Path, env: dict) -> subprocess.Popen:
+    """`ray start --block ...`: blocks while the node runs, and on SIGTERM stops the processes it started (so the
+    teardown touches only this cluster, where `ray stop` would stop every Ray on the machine)."""
+    with log.open("w") as out:
+        proc = subprocess.Popen([RAY, "start", "--block", *args], stdout=out, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + 90
+    while "block forever" not in log.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"ray start {' '.join(args)} did not come up:\n{log.read_text()[-3000:]}")
+        time.sleep(0.3)
+    return proc
+
+
+def stop_ray_node(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tiny_task):
+    """A head and a second node, 1 CPU each, on this machine; with the dashboard when the installed Ray has it."""
+    temp_root = Path(tempfile.mkdtemp(prefix="spinlm-rc-"))  # short: Ray's unix socket paths stay < 107 bytes
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # a job's `python`
+    port, dashboard_port = free_tcp_port(), free_tcp_port()
+    common = ["--num-cpus=1", "--object-store-memory=100000000", "--disable-usage-stats"]
+    dashboard = (["--include-dashboard=false"] if dashboard_missing() else
+                 ["--include-dashboard=true", "--dashboard-host=127.0.0.1"])
+    nodes = []
+    try:
+        nodes.append(start_ray_node(["--head", f"--port={port}", f"--dashboard-port={dashboard_port}", *dashboard,
+                                     *common, f"--temp-dir={temp_root / 'h'}"], temp_root / "head.log", env))
+        nodes.append(start_ray_node([f"--address=127.0.0.1:{port}", *common, f"--temp-dir={temp_root / 'n'}"],
+                                    temp_root / "node.log", env))
+        yield RayCluster(f"127.0.0.1:{port}", None if dashboard_missing() else f"http://127.0.0.1:{dashboard_port}",
+                         temp_root)
+    finally:
+        for proc in reversed(nodes):
+            stop_ray_node(proc)
+    assert ray_processes_of(temp_root) == []
+    shutil.rmtree(temp_root)  # the nodes' sessions and logs
+
+
+def ranks_by_node(log: str) -> dict[int, str]:
+    """Each rank's Ray node id, from the driver's placement line."""
+    return {int(rank): node for rank, node in PLACEMENT.findall(log)}
+
+
+@pytest.mark.slow
+def test_two_nodes_run_one_rank_each_and_train_what_one_rank_trains(tiny_task, tmp_path, two_nodes):
+    one = cli(tmp_path / "one", "trainer.rounds=1")
+    two = cli(tmp_path / "two", "trainer.rounds=1", "trainer.nnodes=2", f"ray.address={two_nodes.address}",
+              env={"RAY_AUTH_MODE": "disabled"})
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-3000:]
+    nodes = ranks_by_node(two.stderr)
+    assert set(nodes) == {0, 1} and nodes[0] != nodes[1], two.stderr[-3000:]
+    (pairs_one, w_one), (pairs_two, w_two) = pairs_and_weights(tmp_path / "one", 1), pairs_and_weights(tmp_path / "two", 1)
+    assert len(pairs_one) == 32 and pairs_one == pairs_two
+    assert max_weight_diff(w_one, w_two) < 1e-5
+
+
+@pytest.mark.slow
+def test_one_node_of_two_cpu_ranks_is_refused_on_a_cluster_of_one_cpu_nodes(tiny_task, tmp_path, two_nodes,
+                                                                              monkeypatch):
+    """trainer.nnodes=1 means the ranks share one node: 2 CPUs in all are not enough when no node has 2. Joined
+    as inside `ray job submit`, which sets RAY_ADDRESS: ray.address=auto finds the cluster through it."""
+    import ray
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.setenv("RAY_ADDRESS", two_nodes.address)
+    cfg = resolved(load_config([*SMOKE, f"trainer.output_dir={tmp_path}", "trainer.cpu_workers=2", "ray.address=auto"]))
+    with pytest.raises(UserError) as caught:
+        RayWorkerGroup(cfg, cfg.model.path, keep_opponent=False, run_dir=tmp_path)
+    assert not ray.is_initialized()  # the driver left the cluster
+    message = str(caught.value)
+    assert message.startswith("trainer.nnodes=1: the ranks need 1 Ray node(s) with 2 CPU rank(s) each (bundle "
+                              "{'CPU': 2}), but the Ray cluster has 2 alive node(s), 0 of them big enough: "), message
+    assert message.count(": 1 CPU, 0 GPU)") == 2
+
+
+def test_more_nodes_than_a_local_ray_has_is_refused_at_once(tiny_task, tmp_path):
+    import ray
+
+    from spinlm.workers.worker_group import PLACEMENT_TIMEOUT_S
+
+    cfg = resolved(load_config([*SMOKE, f"trainer.output_dir={tmp_path}", "trainer.nnodes=2"]))
+    start = time.monotonic()
+    with pytest.raises(UserError) as caught:
+        RayWorkerGroup(cfg, cfg.model.path, keep_opponent=False, run_dir=tmp_path)
+    assert time.monotonic() - start < PLACEMENT_TIMEOUT_S  # refused before any wait for a placement
+    assert not ray.is_initialized()
+    message = str(caught.value)
+    assert message.startswith("trainer.nnodes=2: the ranks need 2 Ray node(s) with 1 CPU rank(s) each (bundle "
+                              "{'CPU': 1}), but the Ray cluster has 1 alive node(s), 1 of them big enough: "), message
+    assert message.endswith("; several nodes need a cluster: set ray.address")
+
+
+@pytest.mark.slow
+def test_ray_job_submit_trains_on_the_cluster(tiny_task, tmp_path, request):
+    """How verl users launch: the entrypoint runs inside the cluster, where ray.address=auto joins it."""
+    if missing := dashboard_missing():
+        pytest.skip(f"`ray job submit` needs Ray's dashboard (the job server): {missing}")
+    cluster = request.getfixturevalue("two_nodes")
+    run_dir = tmp_path / "job"
+    runtime_env = {"env_vars": {"SPINLM_TINY_DIR": os.environ["SPINLM_TINY_DIR"]}}
+    done = subprocess.run(
+        [RAY, "job", "submit", "--address", cluster.dashboard, "--working-dir", str(REPO),
+         "--runtime-env-json", json.dumps(runtime_env), "--", "python", "-m", "spinlm.cli", "train", *SMOKE,
+         "trainer.rounds=1", "trainer.nnodes=2", "ray.address=auto", f"trainer.output_dir={run_dir}"],
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "succeeded" in done.stdout, (done.stdout + done.stderr)[-3000:]
+    nodes = ranks_by_node(done.stdout)
+    assert set(nodes) == {0, 1} and nodes[0] != nodes[1], done.stdout[-3000:]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "1"
+    assert load_file(run_dir / "checkpoints" / "1" / "model.safetensors")

@@ -8,9 +8,14 @@ of forwards (FSDP all-gathers in each), so a short rank gets zero-weight padding
 How a call travels to the ranks is the subclasses' part, and only that: `LocalWorkerGroup` calls one in-process
 PolicyWorker, `RayWorkerGroup` one Ray actor per rank. Calls name the PolicyWorker method itself
 (`self._each(PolicyWorker.update, ...)`); only at the Ray boundary does it travel as its name.
+
+Placement: the Ray ranks live in a placement group of one bundle per node (trainer.nnodes bundles, STRICT_SPREAD
+when there are several), rank r in bundle r // ranks per node, and the torch.distributed group meets at rank 0's
+node, wherever Ray put it.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import signal
@@ -30,6 +35,12 @@ from spinlm.rollout.hf_rollout import Rollout
 from spinlm.seeding import GLOBAL, seed_for
 from spinlm.workers.dp_actor import LossSettings
 from spinlm.workers.fsdp_workers import PolicyWorker
+
+log = logging.getLogger(__name__)
+
+# How long the cluster may take to place the ranks' bundles once enough nodes exist (they may be busy with another
+# job); past it the run stops naming the cluster's nodes rather than waiting forever.
+PLACEMENT_TIMEOUT_S = 120.0
 
 MEAN_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                 "logps/rejected", "logps/ref_chosen", "logps/ref_rejected", "train/sft_nll", "train/sft_share")
@@ -149,14 +160,29 @@ class LocalWorkerGroup(WorkerGroup):
 
 
 class RankActor:
-    """One torch.distributed rank inside a Ray actor, holding a PolicyWorker."""
+    """One torch.distributed rank inside a Ray actor, holding a PolicyWorker. It starts in two steps: first it says
+    where it runs (`node_info`, and rank 0 a free port there), then `join` meets the other ranks at rank 0's address
+    and loads the model."""
 
-    def __init__(self, cfg_container: dict, model_path: str, keep_opponent: bool, rank: int, world_size: int,
-                 master_addr: str, master_port: int, env: dict):
+    def __init__(self, env: dict):
+        os.environ.update(env)
+        self.worker: PolicyWorker | None = None
+
+    def node_info(self) -> tuple[str, str]:
+        """(Ray node id, node IP address) of the node this rank runs on."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
+
+    def free_port(self) -> int:
+        return free_port()
+
+    def join(self, cfg_container: dict, model_path: str, keep_opponent: bool, rank: int, world_size: int,
+             master_addr: str, master_port: int) -> None:
         import torch.distributed as dist
         from omegaconf import OmegaConf
 
-        os.environ.update({**env, "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port), "RANK": str(rank),
+        os.environ.update({"MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port), "RANK": str(rank),
                            "WORLD_SIZE": str(world_size), "LOCAL_RANK": "0"})  # Ray pins one GPU per actor
         cfg = OmegaConf.create(cfg_container)
         if cfg.trainer.threads:
@@ -171,10 +197,22 @@ class RankActor:
         return getattr(self.worker, method_name)(*args, **kwargs)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on every interface of this machine now (rank 0's torch.distributed store listens on it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))
         return s.getsockname()[1]
+
+
+def ranks_per_node(cfg) -> int:
+    """The ranks each of the trainer.nnodes nodes runs: n_gpus_per_node GPU ranks, or cpu_workers CPU ranks."""
+    return cfg.trainer.n_gpus_per_node if cfg.trainer.n_gpus_per_node > 0 else cfg.trainer.cpu_workers
+
+
+def describe_nodes(nodes: list[dict]) -> str:
+    """Ray nodes (ray.nodes() entries) as `IP (node 1a2b3c4d: 8 CPU, 0 GPU)`, comma-separated."""
+    return ", ".join(f"{n['NodeManagerAddress']} (node {n['NodeID'][:8]}: {n['Resources'].get('CPU', 0):g} CPU, "
+                     f"{n['Resources'].get('GPU', 0):g} GPU)" for n in nodes) or "none"
 
 
 class RayWorkerGroup(WorkerGroup):
@@ -187,6 +225,8 @@ class RayWorkerGroup(WorkerGroup):
         super().__init__(world_size=world_size_of(cfg))
         self.ray = ray
         self.actors: list = []
+        self.placement_group = None
+        self.node_ids: list[str] = []  # each rank's Ray node id, in rank order
         self.started_ray = False
         # ray.init replaces the driver's SIGTERM handler with its own (exit 1, stack dumps): keep the caller's, which
         # for the CLI unwinds like Ctrl-C so that shutdown() below runs
@@ -203,19 +243,59 @@ class RayWorkerGroup(WorkerGroup):
             signal.signal(signal.SIGTERM, sigterm)
         try:
             self._check_resources(cfg)
-            use_gpu = cfg.trainer.n_gpus_per_node > 0
-            addr = "127.0.0.1" if not cfg.ray.address else ray.util.get_node_ip_address()
-            port = _free_port()
+            self._place(cfg)
             env = {k: v for k, v in os.environ.items() if k.startswith("SPINLM_")}
-            remote = ray.remote(RankActor).options(num_cpus=1, num_gpus=1 if use_gpu else 0)
+            per_node, gpus = ranks_per_node(cfg), 1 if cfg.trainer.n_gpus_per_node > 0 else 0
+            actor = ray.remote(RankActor)
+            self.actors = [actor.options(num_cpus=1, num_gpus=gpus, scheduling_strategy=self._bundle(r // per_node))
+                           .remote({**env, "SPINLM_RANK": str(r)}) for r in range(self.world_size)]
+            nodes = self._gather([a.node_info.remote() for a in self.actors])
+            self.node_ids = [node_id for node_id, _ in nodes]
+            self._log_placement(cfg, nodes)
+            # the group meets at rank 0's node, which need not be the driver's; a private cluster stays on loopback
+            addr = nodes[0][1] if cfg.ray.address else "127.0.0.1"
+            port = self._gather([self.actors[0].free_port.remote()])[0]
             container = OmegaConf.to_container(cfg, resolve=True)
-            self.actors = [remote.remote(container, model_path, keep_opponent, r, self.world_size, addr, port,
-                                         {**env, "SPINLM_RANK": str(r)})
-                           for r in range(self.world_size)]
-            self._all(PolicyWorker.has_schedule)  # wait until every rank has joined the group and loaded the model
+            # wait until every rank has joined the group and loaded the model
+            self._gather([a.join.remote(container, model_path, keep_opponent, r, self.world_size, addr, port)
+                          for r, a in enumerate(self.actors)])
         except BaseException:
             self.shutdown()
             raise
+
+    def _bundle(self, index: int):
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        return PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=index)
+
+    def _place(self, cfg) -> None:
+        """Reserve one bundle per node, each on a different node; fail at once when the cluster has too few nodes
+        that could hold one, and after PLACEMENT_TIMEOUT_S when it cannot place them for another reason."""
+        from ray.util.placement_group import placement_group
+
+        nnodes, per_node = cfg.trainer.nnodes, ranks_per_node(cfg)
+        gpu = cfg.trainer.n_gpus_per_node > 0
+        bundle = {"CPU": per_node, "GPU": per_node} if gpu else {"CPU": per_node}
+        need = f"{nnodes} Ray node(s) with {per_node} {'GPU' if gpu else 'CPU'} rank(s) each (bundle {bundle})"
+        alive = [n for n in self.ray.nodes() if n["Alive"]]
+        fit = [n for n in alive if all(n["Resources"].get(k, 0) >= v for k, v in bundle.items())]
+        if len(fit) < nnodes:
+            raise UserError(f"trainer.nnodes={nnodes}: the ranks need {need}, but the Ray cluster has "
+                            f"{len(alive)} alive node(s), {len(fit)} of them big enough: {describe_nodes(alive)}"
+                            + ("" if cfg.ray.address else "; several nodes need a cluster: set ray.address"))
+        self.placement_group = placement_group([bundle] * nnodes, strategy="STRICT_SPREAD" if nnodes > 1 else "PACK")
+        ready, _ = self.ray.wait([self.placement_group.ready()], timeout=PLACEMENT_TIMEOUT_S)
+        if not ready:  # shutdown() removes the placement group
+            raise UserError(f"trainer.nnodes={nnodes}: the Ray cluster did not place {need} within "
+                            f"{PLACEMENT_TIMEOUT_S:.0f} s (other jobs may hold the resources); its nodes: "
+                            f"{describe_nodes(alive)}")
+
+    def _log_placement(self, cfg, nodes: list[tuple[str, str]]) -> None:
+        by_node: dict[tuple[str, str], list[int]] = {}
+        for rank, node in enumerate(nodes):
+            by_node.setdefault(node, []).append(rank)
+        log.info("Ray placement (trainer.nnodes=%d): %s", cfg.trainer.nnodes,
+                 "; ".join(f"ranks {ranks} on node {node_id} at {ip}" for (node_id, ip), ranks in by_node.items()))
 
     @staticmethod
     def _temp_dir(run_dir: Path) -> str:
@@ -234,8 +314,9 @@ class RayWorkerGroup(WorkerGroup):
             raise UserError(f"trainer.nnodes x trainer.n_gpus_per_node = {need_gpu} GPUs requested, but the Ray cluster "
                             f"has {int(have.get('GPU', 0))}")
         if need_cpu > have.get("CPU", 0):
-            raise UserError(f"trainer.cpu_workers={need_cpu} CPU ranks requested, but the Ray cluster has "
-                            f"{int(have.get('CPU', 0))} CPUs")
+            how = (f"trainer.nnodes x trainer.cpu_workers = {cfg.trainer.nnodes} x {cfg.trainer.cpu_workers} = "
+                   f"{need_cpu}" if cfg.trainer.nnodes > 1 else f"trainer.cpu_workers={need_cpu}")
+            raise UserError(f"{how} CPU ranks requested, but the Ray cluster has {int(have.get('CPU', 0))} CPUs")
 
     def _gather(self, refs: list) -> list:
         """Results in rank order. Waits on whichever rank finishes first, so a dead rank is reported at once even
@@ -264,6 +345,11 @@ class RayWorkerGroup(WorkerGroup):
         for a in self.actors:
             self.ray.kill(a)
         self.actors = []
+        if self.placement_group is not None:  # on a shared cluster its reserved resources go back at once
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self.placement_group)
+            self.placement_group = None
         if self.started_ray and self.ray.is_initialized():
             self.ray.shutdown()
 
@@ -275,6 +361,7 @@ def make_worker_group(cfg, model_path: str, *, keep_opponent: bool, run_dir: Pat
     if launcher == "local":
         if world_size_of(cfg) > 1:
             raise UserError(f"trainer.launcher=local runs one rank, but {world_size_of(cfg)} were requested "
-                            "(trainer.cpu_workers / trainer.nnodes x trainer.n_gpus_per_node); use trainer.launcher=ray")
+                            "(trainer.nnodes x trainer.cpu_workers / trainer.nnodes x trainer.n_gpus_per_node); "
+                            "use trainer.launcher=ray")
         return LocalWorkerGroup(cfg, model_path, keep_opponent=keep_opponent)
     return RayWorkerGroup(cfg, model_path, keep_opponent=keep_opponent, run_dir=run_dir)
