@@ -231,9 +231,15 @@ class RayWorkerGroup(WorkerGroup):
         # ray.init replaces the driver's SIGTERM handler with its own (exit 1, stack dumps): keep the caller's, which
         # for the CLI unwinds like Ctrl-C so that shutdown() below runs
         sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+        address = cfg.ray.address
+        if not address and os.environ.get("RAY_ADDRESS"):  # inside `ray job submit`: join the job's cluster
+            log.info("ray.address is null but RAY_ADDRESS=%s is set (a Ray job): joining that cluster",
+                     os.environ["RAY_ADDRESS"])
+            address = "auto"
+        self.joined_cluster = bool(address)
         if not ray.is_initialized():
-            if cfg.ray.address:
-                ray.init(address=cfg.ray.address, log_to_driver=True)
+            if address:
+                ray.init(address=address, log_to_driver=True)
             else:  # a private local cluster on loopback: no token auth files in the home directory
                 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
                 ray.init(num_cpus=max(os.cpu_count() or 1, self.world_size), _temp_dir=self._temp_dir(run_dir),
@@ -253,7 +259,7 @@ class RayWorkerGroup(WorkerGroup):
             self.node_ids = [node_id for node_id, _ in nodes]
             self._log_placement(cfg, nodes)
             # the group meets at rank 0's node, which need not be the driver's; a private cluster stays on loopback
-            addr = nodes[0][1] if cfg.ray.address else "127.0.0.1"
+            addr = nodes[0][1] if self.joined_cluster else "127.0.0.1"
             port = self._gather([self.actors[0].free_port.remote()])[0]
             container = OmegaConf.to_container(cfg, resolve=True)
             # wait until every rank has joined the group and loaded the model
@@ -282,7 +288,7 @@ class RayWorkerGroup(WorkerGroup):
         if len(fit) < nnodes:
             raise UserError(f"trainer.nnodes={nnodes}: the ranks need {need}, but the Ray cluster has "
                             f"{len(alive)} alive node(s), {len(fit)} of them big enough: {describe_nodes(alive)}"
-                            + ("" if cfg.ray.address else "; several nodes need a cluster: set ray.address"))
+                            + ("" if self.joined_cluster else "; several nodes need a cluster: set ray.address"))
         self.placement_group = placement_group([bundle] * nnodes, strategy="STRICT_SPREAD" if nnodes > 1 else "PACK")
         ready, _ = self.ray.wait([self.placement_group.ready()], timeout=PLACEMENT_TIMEOUT_S)
         if not ready:  # shutdown() removes the placement group
