@@ -30,7 +30,9 @@ def test_a_round_of_ties_stops_the_run_and_keeps_the_last_checkpoint(tiny_task, 
     constant = tmp_path / "constant.py"  # a reward that never separates samples: every prompt ties
     constant.write_text("def compute_score(data_source, solution_str, ground_truth, extra_info=None):\n"
                         "    return 0.0\n")
-    assert main(["train", *common, "trainer.rounds=2", f"reward.custom_path={constant}"]) == 2
+    # a new reward changes the run: resuming with it needs the explicit flag
+    assert main(["train", *common, "trainer.rounds=2", f"reward.custom_path={constant}",
+                 "trainer.allow_config_change=true"]) == 2
     err = capsys.readouterr().err
     assert err.count("no pair formed: all 8 prompts tied") == 2  # one warning per step
     assert "round 2: no pair was formed in any of its 2 steps" in err

@@ -70,7 +70,7 @@ def test_kill_and_resume_equals_uninterrupted(uninterrupted, tmp_path, mode, kil
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "1"  # round 2 never completed
     resumed = cli(run_dir, extra)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "(next round 2 of 2)" in resumed.stdout  # resumes after the last complete round
+    assert "(next round 2 of 2)" in resumed.stderr  # resumes after the last complete round (a note on stderr)
     a, b = weights(reference), weights(run_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert train_steps(run_dir) == train_steps(reference)  # every step once: none skipped, none repeated
