@@ -94,21 +94,6 @@ def test_a_dead_rank_stops_the_run_by_name_and_keeps_the_checkpoint(tiny_task, t
     assert ray_processes_of(run_dir) == []
 
 
-def test_resume_a_two_rank_run_on_two_and_on_one_rank(tiny_task, tmp_path):
-    mode = ["algorithm.mode=online_dpo", "rollout.n=2"]  # carries the sharded optimizer state across rounds
-    run_dir = tmp_path / "r"
-    first = cli(run_dir, *mode, "trainer.cpu_workers=2", "trainer.rounds=1")
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert (run_dir / "checkpoints" / "1" / "optimizer" / ".metadata").exists()
-    again = cli(run_dir, *mode, "trainer.cpu_workers=2", "trainer.rounds=2")
-    assert again.returncode == 0 and "spinlm: resuming from" in again.stderr, again.stderr[-3000:]
-    fewer = cli(run_dir, *mode, "trainer.cpu_workers=1", "trainer.rounds=3")  # DCP reshards the optimizer state
-    assert fewer.returncode == 0 and "spinlm: resuming from" in fewer.stderr, fewer.stderr[-3000:]
-    rounds = {json.loads(line)["round"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-              if json.loads(line)["kind"] == "val"}
-    assert rounds == {1, 2, 3}
-
-
 def pairs_and_weights(run_dir: Path, t: int) -> tuple[list[dict], dict]:
     import pyarrow.parquet as pq
 
@@ -145,7 +130,9 @@ def test_online_dpo_is_world_size_invariant_and_resumes_onto_another_world_size(
     (p1, w1), (p2, w2) = pairs_and_weights(tmp_path / "one", 1), pairs_and_weights(tmp_path / "two", 1)
     assert len(p1) >= 4 and p1 == p2
     assert max_weight_diff(w1, w2) < 1e-5
-    rest = cli(tmp_path / "two", *mode, "trainer.rounds=2", "trainer.cpu_workers=1")  # 2 ranks -> 1 rank
+    assert (tmp_path / "two" / "checkpoints" / "1" / "optimizer" / ".metadata").exists()  # sharded optimizer state
+    # 2 ranks -> 1 rank: DCP reshards the optimizer state (this also covers resuming a multi-rank run at all)
+    rest = cli(tmp_path / "two", *mode, "trainer.rounds=2", "trainer.cpu_workers=1")
     assert rest.returncode == 0 and "spinlm: resuming from" in rest.stderr, rest.stderr[-3000:]
     (p1, w1), (p2, w2) = pairs_and_weights(tmp_path / "one", 2), pairs_and_weights(tmp_path / "two", 2)
     assert p1 == p2
