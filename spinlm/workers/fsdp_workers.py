@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.tensor import DTensor
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 
+from spinlm.allocator import fix_mmap_threshold
 from spinlm.choices import LR_SCHEDULERS, OPTIMIZERS
 from spinlm.crash_points import crash_point
 from spinlm.errors import UserError
@@ -123,6 +124,8 @@ class PolicyWorker:
         self.world_size = dist.get_world_size() if self.distributed else 1
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.device = pick_device(cfg.trainer.device, local_rank)
+        if self.device.type == "cpu":  # tensors in glibc's heap: without this, freed activations stay in RSS
+            fix_mmap_threshold()
         # a resumed run starts from a checkpoint, whose own tokenizer comes first (the rule the driver uses too)
         checkpoint = model_path if is_complete_checkpoint(model_path) else None
         self.tokenizer = load_tokenizer(tokenizer_source(cfg.model, checkpoint), cfg.model.trust_remote_code)
