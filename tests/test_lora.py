@@ -83,3 +83,54 @@ def test_lora_needs_one_rank(tiny_task, tmp_path):
     problems = check_config(smoke(tmp_path, "trainer.cpu_workers=2", "trainer.launcher=ray"))
     assert ("model.lora.rank=4: LoRA runs on one rank for now (world size 2); use full fine-tuning with FSDP2 across "
             "ranks") in problems
+
+
+def test_zero_adapter_is_skipped_with_the_same_numbers(tiny_task, tmp_path):
+    from spinlm.rollout.hf_rollout import SamplingParams, generate
+    from spinlm.workers.lora import adapter_is_zero
+
+    cfg = resolved(smoke(tmp_path))
+    worker = PolicyWorker(cfg, cfg.model.path, keep_opponent=False)
+    items, _ = load_items(cfg.data, worker.tokenizer, cfg.data.train_files, need_response=True)
+    items = items[:8]
+    prompts, chosen = [it.prompt_ids for it in items], [it.response_ids for it in items]
+    rejected = [it.response_ids[:-3] + [worker.tokenizer.eos_token_id] for it in items]
+    calls = []  # forwards through one adapter's A: whether the adapter ran at all
+
+    def watch_adapter():
+        lora_a = next(m for n, m in worker.model.named_modules() if n.endswith("q_proj.lora_A.default"))
+        lora_a.register_forward_hook(lambda *_: calls.append(1))
+
+    watch_adapter()
+    params = SamplingParams(n=1, max_new_tokens=6)
+
+    def with_adapter_on():  # the same passes straight through the model, adapter in every layer
+        logps = worker.actor.sequence_logps(prompts, chosen, module=worker.policy)
+        rollout = generate(worker.model, prompts, params, pad_id=worker.tokenizer.pad_token_id, eos_ids=worker.eos_ids,
+                           batch_size=cfg.rollout.batch_size, seed=3, progress=False)
+        return logps, rollout.responses
+
+    assert adapter_is_zero(worker.peft)  # fresh: B = 0
+    logps, responses = worker.sequence_logps(prompts, chosen), worker.generate(prompts, params, seed=3).responses
+    assert not calls  # skipped
+    on_logps, on_responses = with_adapter_on()
+    assert calls
+    assert torch.equal(logps, on_logps) and responses == on_responses  # bit for bit: base + 0
+
+    worker.start_schedule(10)
+    ref = (worker.sequence_logps(prompts, chosen), worker.sequence_logps(prompts, rejected))
+    worker.update(Pairs(prompts, chosen, rejected), LossSettings(beta=0.1), len(prompts), ref=ref)
+    assert not adapter_is_zero(worker.peft)  # trained: the adapter stays on
+    calls.clear()
+    logps, responses = worker.sequence_logps(prompts, chosen), worker.generate(prompts, params, seed=3).responses
+    assert calls
+    on_logps, on_responses = with_adapter_on()
+    assert torch.equal(logps, on_logps) and responses == on_responses
+    assert not torch.allclose(logps, ref[0], atol=1e-3)
+
+    worker.refresh_opponent()  # merged, fresh adapter: skipped again
+    assert adapter_is_zero(worker.peft)
+    watch_adapter()  # the fresh adapter's modules
+    calls.clear()
+    torch.testing.assert_close(worker.sequence_logps(prompts, chosen), logps, atol=1e-5, rtol=0)
+    assert not calls

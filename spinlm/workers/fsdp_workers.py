@@ -39,7 +39,7 @@ from spinlm.run_dir import is_complete_checkpoint
 from spinlm.seeding import GLOBAL, VLLM_ENGINE, seed_for
 from spinlm.workers.dp_actor import DataParallelActor, LossSettings
 from spinlm.workers.logprobs import ResponseLogProbs, pack_sequences
-from spinlm.workers.lora import add_adapter, merge_into_base, plain_state_dict
+from spinlm.workers.lora import add_adapter, merge_into_base, plain_state_dict, skip_zero_adapter
 
 OPTIM_DIR = "optimizer"  # torch.distributed.checkpoint folder inside a checkpoint (sharded; reshards on load)
 
@@ -235,7 +235,7 @@ class PolicyWorker:
         if self.vllm is not None:
             rollout = self._generate_vllm(prompts, keys, params, seed)
         else:
-            with self.gathered(), self.autocast():
+            with self.gathered(), self.autocast(), self.zero_adapter_skipped():
                 rollout = generate(self.model, prompts, params, pad_id=self.tokenizer.pad_token_id,
                                    eos_ids=self.eos_ids, batch_size=self.cfg.rollout.batch_size,
                                    seed=seed, keys=keys, desc=desc, progress=self.rank == 0)
@@ -262,11 +262,16 @@ class PolicyWorker:
         if opponent and self.opponent is None:
             raise RuntimeError("sequence_logps(opponent=True) but no resident opponent (mode spin keeps numbers, not a copy)")
         module = self.opponent if opponent else self.policy
-        with self.on_device(module if opponent and self.offload_opponent and not self.distributed else None):
+        with self.on_device(module if opponent and self.offload_opponent and not self.distributed else None), \
+                self.zero_adapter_skipped():
             logps = self.actor.sequence_logps(prompts, responses, module=module, desc=desc)
         if self.distributed:
             reshard(module)
         return logps
+
+    def zero_adapter_skipped(self):
+        """LoRA with a zero adapter (mode spin at a round's start): no-grad forwards run on the base alone."""
+        return skip_zero_adapter(self.peft) if self.peft is not None else nullcontext()
 
     @contextmanager
     def on_device(self, module):

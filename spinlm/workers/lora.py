@@ -1,8 +1,14 @@
 """LoRA through peft, SPIN style: the opponent is the base model with the adapter switched off, and at the end of
 every round the adapter is merged into the base and a fresh one started. So no second model is ever held: the
 opponent of round t+1 is exactly the policy of round t, as in full fine-tuning.
+
+A fresh adapter's B is zero, so until the first update the policy IS the base: forwards that need no gradient
+(mode spin's generation and reference log-probs at a round's start) then skip the adapter, which gives the same numbers
+bit for bit (base + 0) without the adapter's two extra matmuls and two temporaries per linear layer.
 """
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 
@@ -24,6 +30,17 @@ def add_adapter(model, cfg, seed: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return get_peft_model(model, lora_config(cfg))
+
+
+def adapter_is_zero(peft_model) -> bool:
+    """Every lora_B is exactly zero: the adapter adds nothing (a fresh one, or one whose updates were all skipped)."""
+    return all(not p.any() for n, p in peft_model.named_parameters() if ".lora_B." in n)
+
+
+def skip_zero_adapter(peft_model):
+    """A context in which a zero adapter is switched off (the same outputs, less work); a trained one stays on.
+    For forwards without gradients only: a training forward needs the adapter in the graph even while B is zero."""
+    return peft_model.disable_adapter() if adapter_is_zero(peft_model) else nullcontext()
 
 
 def merge_into_base(peft_model):
