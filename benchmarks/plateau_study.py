@@ -244,6 +244,8 @@ def paired(method_bits: dict[int, str], base_bits: dict[int, str]) -> dict:
     standard error over prompts of the per-prompt difference averaged over seeds (prompts are the sampling unit;
     seed-to-seed variation shows in `per_seed`); `se_seeds`: the standard error of the per-seed mean differences."""
     seeds = sorted(set(method_bits) & set(base_bits))
+    if not seeds:  # a partial study: the baseline has not run at these seeds yet
+        return {"seeds": []}
     per_prompt = [m - b for m, b in zip(seed_averaged([method_bits[s] for s in seeds]),
                                         seed_averaged([base_bits[s] for s in seeds]))]
     per_seed = [accuracy(method_bits[s]) - accuracy(base_bits[s]) for s in seeds]
@@ -261,10 +263,14 @@ def points(x: float) -> str:
 
 
 def curve_table(curve: list[dict], chosen: int) -> list[str]:
-    lines = ["| SFT pass | steps | dev exact match (%) | held-out exact match (%) | held-out change vs previous pass |",
-             "|---|---|---|---|---|"]
+    """One row per SFT pass; the held-out change against the previous pass is paired per prompt (± its SE)."""
+    lines = ["| SFT pass | steps | dev exact match (%) | held-out exact match (%) | held-out change vs previous pass "
+             "(paired, ± SE) |", "|---|---|---|---|---|"]
     for i, p in enumerate(curve):
-        change = "" if i == 0 else pct(p["test_acc"] - curve[i - 1]["test_acc"])
+        change = ""
+        if i:
+            diff, se = mean_se([int(a) - int(b) for a, b in zip(p["test"], curve[i - 1]["test"])])
+            change = f"{pct(diff)} ± {points(se)}"
         mark = " **(start)**" if i == chosen else ""
         lines.append(f"| {p['pass']}{mark} | {p['steps']} | {100 * p['dev_acc']:.1f} | {100 * p['test_acc']:.1f} "
                      f"| {change} |")
