@@ -11,7 +11,8 @@ and reports held-out greedy exact match and pass@4 (4 samples at temperature 1) 
 
 then the exploration (2 rounds each, to fit the hour): prompts the SFT model saw vs unseen ones, no data history,
 beta per round, no learning-rate decay, a 2.2x larger model, and more rounds (rounds 4-5 of (b)). Each run's result is cached in the --json
-file, so an interrupted table resumes where it stopped (--fresh starts over). Writes RESULTS.md and the plot.
+file, so an interrupted table resumes where it stopped (--fresh starts over). Writes benchmarks/results/quality.md
+(RESULTS.md, written by benchmarks/plateau_study.py, embeds it as its earlier study) and the plot.
 
     .venv/bin/python benchmarks/quality.py            # the whole table (about an hour on 2 cores)
     .venv/bin/python benchmarks/quality.py --quick    # 1 seed, 1 round, 2 methods: checks the script end to end
@@ -160,7 +161,7 @@ def main() -> None:
     unknown = set(args.methods) - set(METHODS)
     if unknown:
         p.error(f"unknown method(s) {sorted(unknown)}; choose from: {list(METHODS)}")
-    out_md, out_png, json_path = REPO / "RESULTS.md", RESULTS / "quality.png", Path(args.json)
+    out_md, out_png, json_path = RESULTS / "quality.md", RESULTS / "quality.png", Path(args.json)
     if args.quick:
         args.seeds, names = args.seeds[:1], [n for n in METHODS if n.startswith(("(b) SPIN", "(d) continued"))]
         out_md, out_png, json_path = Path("/tmp/quality_quick.md"), Path("/tmp/quality_quick.png"), Path("/tmp/quality_quick.json")
