@@ -94,7 +94,8 @@ def run_one(name: str, seed: int, rounds: int, tasks: dict[str, Path], work: Pat
     train = [r for r in rows if r["kind"] == "train"]
     return {"acc": [r["val/acc"] for r in val], f"pass@{pass_k}": [r[f"val/pass@{pass_k}"] for r in val],
             "steps": [sum(1 for r in train if r["round"] == t) for t in range(1, rounds + 1)],
-            "chosen_drift": [r["train/chosen_drift"] for r in sorted((r for r in rows if r["kind"] == "health"),
+            "chosen_drift": [r["train/chosen_drift"] for r in sorted((r for r in rows if r["kind"] == "health"
+                                                                              and "train/chosen_drift" in r),
                                                                       key=lambda r: r["round"])],
             "seconds": time.time() - start}
 
