@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.tensor import DTensor
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from spinlm.allocator import fix_mmap_threshold
+from spinlm.allocator import large_blocks_returned
 from spinlm.choices import LR_SCHEDULERS, OPTIMIZERS
 from spinlm.crash_points import crash_point
 from spinlm.errors import UserError
@@ -124,8 +124,6 @@ class PolicyWorker:
         self.world_size = dist.get_world_size() if self.distributed else 1
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.device = pick_device(cfg.trainer.device, local_rank)
-        if self.device.type == "cpu":  # tensors in glibc's heap: without this, freed activations stay in RSS
-            fix_mmap_threshold()
         # a resumed run starts from a checkpoint, whose own tokenizer comes first (the rule the driver uses too)
         checkpoint = model_path if is_complete_checkpoint(model_path) else None
         self.tokenizer = load_tokenizer(tokenizer_source(cfg.model, checkpoint), cfg.model.trust_remote_code)
@@ -307,9 +305,11 @@ class PolicyWorker:
                    self.sequence_logps(pairs.prompts, pairs.rejected, opponent=True))
         ref_chosen, ref_rejected = ref if ref is not None else (None, None)
         lr = self.scheduler.get_last_lr()[0]
-        metrics = self.actor.preference_step(pairs, ref_chosen, ref_rejected, loss, self.optimizer,
-                                             grad_clip=self.cfg.actor.grad_clip,
-                                             loss_denominator=global_pairs / self.world_size)
+        # on CPU the tensors live in glibc's heap: without this, freed activations stay in RSS (spinlm/allocator.py)
+        with large_blocks_returned() if self.device.type == "cpu" else nullcontext():
+            metrics = self.actor.preference_step(pairs, ref_chosen, ref_rejected, loss, self.optimizer,
+                                                 grad_clip=self.cfg.actor.grad_clip,
+                                                 loss_denominator=global_pairs / self.world_size)
         self.skip_step() if metrics["train/step_skipped"] else self.scheduler.step()
         self.weights_stale |= not metrics["train/step_skipped"]
         crash_point("update")
