@@ -7,8 +7,8 @@ Linux). After the first backward, activations and their gradients (a few MiB to 
 from the heap, and once freed they stay there, cut into pieces between smaller blocks that are still alive, and keep
 counting in the process's RSS. LoRA suffers most: its small saved adapter activations and the three extra
 temporaries of every adapted linear layer leave the heap more fragmented than full fine-tuning does. On
-SmolLM2-135M one SPIN round peaked at 9.3 GB with LoRA and 8.5 GB with full fine-tuning under glibc's defaults
-(BENCHMARKS.md, "LoRA vs full fine-tuning on SmolLM2-135M").
+SmolLM2-135M one SPIN round peaked at 7.1-9.4 GB (run to run) with LoRA and 8.2-8.5 GB with full fine-tuning under
+glibc's defaults, and at 5.7 and 7.3 GB with this (BENCHMARKS.md, "LoRA vs full fine-tuning on SmolLM2-135M").
 
 The cost of an mmap per large block is page faults (each new block is fresh, zeroed memory), so the fixed 1 MiB
 threshold holds only while an update runs, where the peak is. Outside it (generation, no-grad log-prob passes, whose
