@@ -136,7 +136,7 @@ def run_sft_from_config(cfg: DictConfig) -> dict[str, Any]:
     """`spinlm sft`: load model and data, train, save model + tokenizer to sft.output_dir.
 
     Returns a summary: steps, final_loss (mean of the last 10 steps), seconds, output_dir, and, when
-    data.val_files is set, val/acc before and after (greedy exact match with the configured reward).
+    data.val_files is set, val/acc after (and before, with sft.eval_before) (greedy exact match with the configured reward).
     """
     validate_sft(cfg)  # every rule, before anything heavy
     if cfg.trainer.threads:
@@ -166,8 +166,9 @@ def run_sft_from_config(cfg: DictConfig) -> dict[str, Any]:
                                         batch_size=cfg.rollout.batch_size)
             return metrics["val/acc"]
 
-        summary["val/acc_before"] = accuracy()
-        log.info("sft: val/acc before %.4f (%d prompts, greedy)", summary["val/acc_before"], len(val_items))
+        if cfg.sft.eval_before:
+            summary["val/acc_before"] = accuracy()
+            log.info("sft: val/acc before %.4f (%d prompts, greedy)", summary["val/acc_before"], len(val_items))
 
     start = time.perf_counter()
     losses = train_sft(model, tokenizer, train_items, steps=cfg.sft.steps, batch_size=cfg.sft.batch_size,

@@ -219,3 +219,20 @@ def test_failed_build_leaves_nothing_behind_and_foreign_folders_are_kept(tmp_pat
     with pytest.raises(FileExistsError, match="not a tiny-task build"):
         build_tiny_task(foreign, **SMALL)
     assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_two_processes_building_one_folder_build_it_once(tmp_path):
+    """Two test workers (or two demos) starting on a missing task: one builds, the other waits and reuses it."""
+    import subprocess
+    import sys
+
+    code = ("import logging, sys; logging.basicConfig(level=logging.INFO, format='%(message)s'); "
+            "from spinlm.tasks.build import build_tiny_task; "
+            f"build_tiny_task(sys.argv[1], seed=5, **{SMALL!r})")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "task")], stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    logs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    assert sum("tiny task: building into" in log for log in logs) == 1, logs
+    assert sum("complete build found" in log for log in logs) == 1, logs
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["task"]  # no lock file or half build left

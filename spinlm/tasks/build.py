@@ -13,6 +13,8 @@ interrupted build is never mistaken for a complete one.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -20,7 +22,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -70,7 +72,7 @@ def _build_into(tmp: Path, *, seed: int, n_train: int, n_val: int, n_sft: int, s
         "data": {"train_files": str(tmp / "sft.parquet"), "val_files": str(tmp / "val.parquet"),
                  "format": "auto", "val_max_samples": None, "truncation": "error"},
         "sft": {"steps": sft_steps, "batch_size": sft_batch_size, "lr": sft_lr, "max_examples": None,
-                "output_dir": str(tmp / "sft_model")},
+                "eval_before": False, "output_dir": str(tmp / "sft_model")},
         "trainer": {"seed": seed, "device": "cpu"},
     })
     summary = run_sft_from_config(cfg)
@@ -78,7 +80,7 @@ def _build_into(tmp: Path, *, seed: int, n_train: int, n_val: int, n_sft: int, s
         "tokenizer_size": len(tokenizer), "n_params": n_params,
         "sft": {"steps": sft_steps, "batch_size": sft_batch_size, "lr": sft_lr,
                 "final_loss": summary["final_loss"], "seconds": summary["seconds"],
-                "val_acc_before": summary["val/acc_before"], "val_acc_after": summary["val/acc_after"]},
+                "val_acc_after": summary["val/acc_after"]},
     }
 
 
@@ -123,21 +125,51 @@ def build_tiny_task(out_dir: str | Path, *, seed: int = 0, force: bool = False, 
                     sft_batch_size=sft_batch_size, sft_lr=sft_lr, min_steps=min_steps, max_steps=max_steps,
                     max_number=max_number, vocab_size=vocab_size, model_kwargs=dict(model_kwargs or {}))
     if (out / INFO_FILE).is_file() and not force:
-        recorded = json.loads((out / INFO_FILE).read_text())
-        differ = sorted(k for k, v in settings.items() if recorded.get(k) != v)
-        note = f"; it was built with other {', '.join(differ)}" if differ else ""
-        log.info("tiny task: complete build found at %s%s (use --force to rebuild)", out, note)
-        return out
+        return _reuse(out, settings)
     if out.exists() and not (out / INFO_FILE).is_file() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out}: exists and is not a tiny-task build (no {INFO_FILE}); "
                               "refusing to overwrite it, choose another --output")
     if not 1 <= n_sft <= n_train or n_val < 1:
         raise ValueError(f"n_train={n_train}, n_val={n_val}, n_sft={n_sft}: expected 1 <= n_sft <= n_train "
                          "and n_val >= 1")
-
-    log.info("tiny task: building into %s (seed %d)", out, seed)
-    start = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
+    with _build_lock(out):  # a second process (two test workers, two demos) waits, then reuses the build
+        if (out / INFO_FILE).is_file() and not force:
+            return _reuse(out, settings)
+        return _build(out, settings)
+
+
+@contextlib.contextmanager
+def _build_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the hidden file ``.<out>.lock`` beside ``out`` for the body, then remove it."""
+    path = out.parent / f".{out.name}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:  # the holder before us removes the file on its way out: lock the one that is there now
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield
+    finally:
+        path.unlink()
+        os.close(fd)
+
+
+def _reuse(out: Path, settings: dict[str, Any]) -> Path:
+    recorded = json.loads((out / INFO_FILE).read_text())
+    differ = sorted(k for k, v in settings.items() if recorded.get(k) != v)
+    note = f"; it was built with other {', '.join(differ)}" if differ else ""
+    log.info("tiny task: complete build found at %s%s (use --force to rebuild)", out, note)
+    return out
+
+
+def _build(out: Path, settings: dict[str, Any]) -> Path:
+    log.info("tiny task: building into %s (seed %d)", out, settings["seed"])
+    start = time.perf_counter()
     tmp = _sibling(out, "building")
     try:
         info = _build_into(tmp, **settings)
@@ -154,5 +186,5 @@ def build_tiny_task(out_dir: str | Path, *, seed: int = 0, force: bool = False, 
     if old is not None:
         shutil.rmtree(old)
     log.info("tiny task: done in %.1fs; SFT warm start val/acc %.3f (%d prompts) -> %s", info["seconds"],
-             info["sft"]["val_acc_after"], n_val, out)
+             info["sft"]["val_acc_after"], settings["n_val"], out)
     return out
