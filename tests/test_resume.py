@@ -56,8 +56,7 @@ def test_same_seed_same_weights(uninterrupted, tmp_path):
 
 
 @pytest.mark.parametrize("mode,kill_at", [
-    ("spin", "generate:2"),          # round 2, while its samples are being drawn
-    ("spin", "update:3"),            # round 2, after its first optimizer step
+    ("spin", "update:3"),            # round 2 after its first optimizer step (its samples and a metrics row written)
     ("spin", "checkpoint_write:2"),  # round 2's checkpoint: model written, trainer state not yet
     ("online_dpo", "generate:3"),    # round 2, step 1: the optimizer state is carried across rounds
     ("online_dpo_lora", "generate:4"),  # LoRA, round 2 after its first step: merged base + the same fresh adapter
