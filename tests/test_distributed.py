@@ -28,7 +28,7 @@ from spinlm.config import load_config, resolved  # noqa: E402
 from spinlm.data.items import load_items  # noqa: E402
 from spinlm.errors import UserError  # noqa: E402
 from spinlm.pairs import Pairs  # noqa: E402
-from spinlm.workers.dp_actor import LossSettings  # noqa: E402
+from spinlm.workers.dp_actor import LossSettings, micro_batches  # noqa: E402
 from spinlm.modeling import load_tokenizer  # noqa: E402
 from spinlm.workers.worker_group import LocalWorkerGroup, RayWorkerGroup  # noqa: E402
 
@@ -47,19 +47,30 @@ def three_steps(group, pairs: Pairs, batch: int) -> list[float]:
 
 
 def test_two_ray_ranks_match_one_in_process_rank(tiny_task, tmp_path):
-    cfg = resolved(load_config([*SMOKE, f"trainer.output_dir={tmp_path}", "actor.lr=1e-3", "actor.eps=1e-3", "actor.warmup_ratio=0"]))
+    """Also under a token budget that cuts the two ranks' shards into different numbers of micro-batches (rank 0's
+    pairs are long, rank 1's short): the short rank pads with forwards of weight 0 (before: mismatched FSDP
+    collectives, a hang)."""
+    settings = [*SMOKE, f"trainer.output_dir={tmp_path}", "actor.lr=1e-3", "actor.eps=1e-3", "actor.warmup_ratio=0"]
+    cfg = resolved(load_config(settings))
     tok = load_tokenizer(cfg.model.path)
     items, _ = load_items(cfg.data, tok, cfg.data.train_files, need_response=True)
-    items = items[:48]  # 3 steps x 16 pairs
-    rejected = [it.response_ids[: max(1, len(it.response_ids) // 2)] + [tok.eos_token_id] for it in items]
+    items = items[:48]  # 3 steps x 16 pairs; each step's first 8 go to rank 0, the last 8 to rank 1
+    rejected = [it.response_ids[:-1] * 3 + [tok.eos_token_id] if i % 16 < 8
+                else it.response_ids[: max(1, len(it.response_ids) // 2)] + [tok.eos_token_id]
+                for i, it in enumerate(items)]
     pairs = Pairs([it.prompt_ids for it in items], [it.response_ids for it in items], rejected)
+    lengths = [2 * len(p) + len(c) + len(r) for p, c, r in zip(pairs.prompts, pairs.chosen, pairs.rejected)]
+    budget = 2 * max(lengths)
+    counts = [len(micro_batches(lengths[a:a + 8], max_items=cfg.actor.micro_batch_size, max_tokens=budget))
+              for a in (0, 8)]
+    assert counts[0] > counts[1], counts  # the case this test is about
+    settings.append(f"actor.max_tokens_per_micro_batch={budget}")
 
-    local = LocalWorkerGroup(cfg, cfg.model.path, keep_opponent=False)
+    local = LocalWorkerGroup(resolved(load_config(settings)), cfg.model.path, keep_opponent=False)
     local_losses = three_steps(local, pairs, 16)
     local.save(tmp_path / "one", with_optimizer=False)
 
-    cfg2 = resolved(load_config([*SMOKE, f"trainer.output_dir={tmp_path}", "actor.lr=1e-3", "actor.eps=1e-3", "actor.warmup_ratio=0",
-                                 "trainer.cpu_workers=2"]))
+    cfg2 = resolved(load_config([*settings, "trainer.cpu_workers=2"]))
     group = RayWorkerGroup(cfg2, cfg.model.path, keep_opponent=False, run_dir=tmp_path)
     try:
         ray_losses = three_steps(group, pairs, 16)

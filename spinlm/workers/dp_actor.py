@@ -6,6 +6,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 from torch.distributed.tensor import DTensor
 
@@ -40,6 +41,17 @@ def micro_batches(lengths: list[int], *, max_items: int, max_tokens: int | None)
     if cur:
         out.append(cur)
     return out
+
+
+def same_count_on_every_rank(batches: list[list[int]], device: torch.device) -> list[list[int] | None]:
+    """Every rank must run as many forwards as the others (FSDP all-gathers the weights in each forward and
+    reduce-scatters the gradients in each backward), but a token budget can cut ranks' shards into different
+    numbers of micro-batches: a rank with fewer gets padding entries (None), forwards that count for nothing."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return batches
+    most = torch.tensor([len(batches)], device=device)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    return batches + [None] * (int(most.item()) - len(batches))
 
 
 def _full(norm: torch.Tensor) -> torch.Tensor:
@@ -90,7 +102,11 @@ class DataParallelActor:
         lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
         out = torch.empty(len(prompts), dtype=torch.float32)
         bar = tqdm(total=len(prompts), desc=desc, unit="seq", disable=desc is None, leave=False)
-        for idx in micro_batches(lengths, max_items=2 * self.micro_batch_size, max_tokens=self.max_tokens):
+        batches = micro_batches(lengths, max_items=2 * self.micro_batch_size, max_tokens=self.max_tokens)
+        for idx in same_count_on_every_rank(batches, self.device):
+            if idx is None:  # padding: the same collectives as the other ranks' forwards, the result unused
+                self._logps(module, prompts[:1], responses[:1])
+                continue
             logps, _ = self._logps(module, [prompts[i] for i in idx], [responses[i] for i in idx])
             out[idx] = logps.float().cpu()
             bar.update(len(idx))
@@ -115,11 +131,14 @@ class DataParallelActor:
         sums = dict.fromkeys(["loss", "pc", "pr", "rc", "rr", "acc", "sft_nll", "sft_share"], 0.0)
         tokens = 0
         lengths = [len(p) * 2 + len(c) + len(r) for p, c, r in zip(pairs.prompts, pairs.chosen, pairs.rejected)]
-        for idx in micro_batches(lengths, max_items=self.micro_batch_size, max_tokens=self.max_tokens):
+        batches = micro_batches(lengths, max_items=self.micro_batch_size, max_tokens=self.max_tokens)
+        for idx in same_count_on_every_rank(batches, self.device):
+            padding = idx is None  # a forward and backward the other ranks also run, of weight 0
+            idx = [0] if padding else idx
             mb = pairs.select(idx)
             logps, lens = self._logps(self.module, mb.prompts + mb.prompts, mb.chosen + mb.rejected)
             k = len(idx)
-            w = torch.tensor(mb.weights, dtype=logps.dtype, device=logps.device)
+            w = torch.tensor(mb.weights, dtype=logps.dtype, device=logps.device) * (0.0 if padding else 1.0)
             sft_w = w * torch.tensor(mb.sft_mask, dtype=logps.dtype, device=logps.device)
             lens = lens.to(logps.dtype)
             pc, pr = logps[:k], logps[k:]
@@ -143,7 +162,8 @@ class DataParallelActor:
                 sums["acc"] += (w * ((pc - rc) > (pr - rr)).float()).sum().item()
                 sums["sft_nll"] += (w * sft_nll).sum().item()
                 sums["sft_share"] += sft_w.sum().item()
-            tokens += int(lens.sum().item()) + 2 * sum(len(p) for p in mb.prompts)
+            if not padding:
+                tokens += int(lens.sum().item()) + 2 * sum(len(p) for p in mb.prompts)
         grad_norm = _full(torch.nn.utils.clip_grad_norm_(self.module.parameters(), grad_clip))
         # the norm above is taken BEFORE clipping; clipping itself can make finite gradients NaN (a NaN grad_clip)
         clipped = _total_norm(p.grad for p in self.module.parameters() if p.grad is not None)
