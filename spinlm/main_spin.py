@@ -23,7 +23,7 @@ from spinlm.config_check import validate
 from spinlm.errors import UserError
 from spinlm.data.items import load_items, load_val_items
 from spinlm.report import write_report
-from spinlm.run_dir import (CHECKPOINTS_DIR, METRICS_FILE, RUN_RECORD_FILE, Leftovers, RunDir, RunRecord,
+from spinlm.run_dir import (CHECKPOINTS_DIR, METRICS_FILE, OPTIM_DIR, RUN_RECORD_FILE, Leftovers, RunDir, RunRecord,
                             TrainerState, append_history, changed_files, describe_file_change,
                             drop_unfinished_metrics, find_leftovers, fingerprint_paths, latest_checkpoint,
                             load_trainer_state, now_utc, read_run_record, run_lock, write_run_record,
@@ -34,7 +34,6 @@ from spinlm.spin_trainer import SpinTrainer
 from spinlm.tracking import Tracker
 from spinlm.rewards.reward_model import build_reward
 from spinlm.modeling import DTYPES, load_tokenizer, master_dtype, pick_device, tokenizer_source
-from spinlm.workers.fsdp_workers import OPTIM_DIR
 from spinlm.workers.worker_group import make_worker_group
 
 
@@ -243,12 +242,13 @@ class RunResult:
 
 
 def run(cfg) -> list[dict]:
-    """Train; return the round table (the report is written too, see run_and_report)."""
+    """Check the config, train; return the round table (the report is written too, see run_and_report)."""
+    validate(cfg)  # every rule, before anything heavy
     return run_and_report(cfg).rounds
 
 
 def run_and_report(cfg) -> RunResult:
-    validate(cfg)  # every rule, before anything heavy
+    """Train on a config that passed config_check.validate (spinlm.train checks it before torch loads)."""
     cfg = resolved(cfg)
     run_dir = Path(cfg.trainer.output_dir)
     table = train_rounds(cfg, run_dir)
@@ -279,7 +279,10 @@ def train_rounds(cfg, run_dir: Path) -> list[dict]:
 
 def _train_rounds(cfg, run_dir: Path) -> list[dict]:
     latest = latest_checkpoint(run_dir) if cfg.trainer.resume == "auto" and run_dir.exists() else None
-    if cfg.trainer.resume == "disable" and RunDir(run_dir).checkpoints.exists():
+    checkpoints = RunDir(run_dir).checkpoints
+    # hidden entries are a save that never completed (.tmp-*): nothing to resume from
+    if cfg.trainer.resume == "disable" and checkpoints.is_dir() and any(
+            not p.name.startswith(".") for p in checkpoints.iterdir()):
         raise RunError(f"trainer.output_dir={run_dir} already holds checkpoints and trainer.resume=disable: "
                        "pick a new trainer.output_dir, or set trainer.resume=auto to continue that run")
     if latest is not None and cfg.algorithm.mode == "online_dpo" and not (latest / OPTIM_DIR).is_dir():

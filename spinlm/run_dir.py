@@ -65,6 +65,7 @@ PAIRS_FILE = "pairs.parquet"
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
 STATE_FILE = "trainer_state.pt"
+OPTIM_DIR = "optimizer"  # torch.distributed.checkpoint folder inside a checkpoint (sharded; reshards on load)
 CHECKSUMS_FILE = "checksums.json"
 TMP_CHECKPOINT_PREFIX = ".tmp-"
 REPORT_DIR = "report"

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from spinlm.config import load_config
-from spinlm.main_spin import ConfigChangedError, StaleRunDirError, run
+from spinlm.main_spin import ConfigChangedError, RunError, StaleRunDirError, run
 from spinlm.run_dir import CheckpointError, read_history
 
 SMOKE = ["preset=smoke", "trainer.eval_before_training=false", "data.val_max_samples=8"]
@@ -159,8 +159,12 @@ def test_a_run_stopped_in_its_first_round_starts_again_and_only_with_its_own_set
     with pytest.raises(ConfigChangedError, match=r"redoing its unfinished round 1 with settings that change the run "
                                                  r"[^\n]*\n  trainer\.seed: 42 -> 7\n"):
         run(smoke(run_dir, "trainer.rounds=1", "trainer.seed=7"))
-    table = run(smoke(run_dir, "trainer.rounds=1"))
+    # a first save that never completed leaves only a hidden folder: nothing for resume=disable to refuse
+    (run_dir / "checkpoints" / ".tmp-1-cut").mkdir(parents=True)
+    table = run(smoke(run_dir, "trainer.rounds=1", "trainer.resume=disable"))
     assert [r["round"] for r in table] == [1]
+    with pytest.raises(RunError, match=r"already holds checkpoints and trainer\.resume=disable"):
+        run(smoke(run_dir, "trainer.rounds=1", "trainer.resume=disable"))  # now it holds checkpoints/1
     assert [h["start"] for h in read_history(run_dir)] == ["new", "restart"]
     rounds = {json.loads(line)["round"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()}
     assert rounds == {1}

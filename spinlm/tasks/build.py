@@ -96,7 +96,7 @@ BUNDLED_TASK_PRESETS = ("tiny", "smoke")  # the presets that read the bundled ta
 
 def ensure_bundled_task(cfg) -> None:
     """preset=tiny / smoke train on the bundled task in $SPINLM_TINY_DIR (default .cache/tiny_task): build it on
-    first use (about 40 s on 2 cores), as ./run_spin.sh does, so that a pip-installed spinlm runs them too."""
+    first use (about 30 s on 2 cores), as ./run_spin.sh does, so that a pip-installed spinlm runs them too."""
     if cfg.get("preset") not in BUNDLED_TASK_PRESETS:
         return
     out = Path(os.environ.get("SPINLM_TINY_DIR", ".cache/tiny_task")).resolve()

@@ -35,13 +35,11 @@ from spinlm.modeling import (DTYPES, MIXED_PRECISION, autocast_context, check_vo
                              pick_device, resolve_attn_implementation, tokenizer_source)
 from spinlm.pairs import Pairs
 from spinlm.rollout.hf_rollout import Rollout, SamplingParams, generate
-from spinlm.run_dir import is_complete_checkpoint
+from spinlm.run_dir import OPTIM_DIR, is_complete_checkpoint
 from spinlm.seeding import GLOBAL, VLLM_ENGINE, seed_for
 from spinlm.workers.dp_actor import DataParallelActor, LossSettings
 from spinlm.workers.logprobs import ResponseLogProbs, pack_sequences
 from spinlm.workers.lora import add_adapter, merge_into_base, plain_state_dict, skip_zero_adapter
-
-OPTIM_DIR = "optimizer"  # torch.distributed.checkpoint folder inside a checkpoint (sharded; reshards on load)
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
@@ -255,14 +253,17 @@ class PolicyWorker:
     def sequence_logps(self, prompts, responses, *, opponent: bool = False, desc: str | None = None) -> torch.Tensor:
         desc = desc if self.rank == 0 else None  # one bar, from rank 0
         if opponent and self.peft is not None:  # LoRA: the opponent is the base, i.e. the policy without its adapter
+            module = self.policy
             with self.peft.disable_adapter():
-                return self.actor.sequence_logps(prompts, responses, module=self.policy, desc=desc)
-        if opponent and self.opponent is None:
-            raise RuntimeError("sequence_logps(opponent=True) but no resident opponent (mode spin keeps numbers, not a copy)")
-        module = self.opponent if opponent else self.policy
-        with self.on_device(module if opponent and self.offload_opponent and not self.distributed else None), \
-                self.zero_adapter_skipped():
-            logps = self.actor.sequence_logps(prompts, responses, module=module, desc=desc)
+                logps = self.actor.sequence_logps(prompts, responses, module=module, desc=desc)
+        else:
+            if opponent and self.opponent is None:
+                raise RuntimeError("sequence_logps(opponent=True) but no resident opponent (mode spin keeps numbers, "
+                                   "not a copy)")
+            module = self.opponent if opponent else self.policy
+            with self.on_device(module if opponent and self.offload_opponent and not self.distributed else None), \
+                    self.zero_adapter_skipped():
+                logps = self.actor.sequence_logps(prompts, responses, module=module, desc=desc)
         if self.distributed:
             reshard(module)
         return logps
