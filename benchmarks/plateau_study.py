@@ -99,18 +99,17 @@ def build_task(cache: Path, settings: dict) -> dict[str, Path]:
     return {"task": task, "sft": task / "sft.parquet", "dev": dev, "test": task / "val.parquet"}
 
 
-def per_prompt_correct(model_dir: Path, test_file: Path) -> str:
-    """Greedy answers of the model in `model_dir` to every prompt of `test_file`, scored by the GSM8K rule reward as
-    the trainer's val/acc is: a string of '0'/'1', one per prompt, in file order."""
+def greedy_answers(model_dir: Path, test_file: Path, lengths: list[str] = LENGTHS) -> tuple[list, list[str]]:
+    """Greedy answers of the model in `model_dir` to every prompt of `test_file` (the trainer's val prompts, its
+    chat template), in file order: (items, decoded texts)."""
     import torch
 
     from spinlm.config import load_config
     from spinlm.data.items import load_val_items
     from spinlm.modeling import eos_ids_of, load_model, load_tokenizer
-    from spinlm.rewards import get_reward_fn, score_responses
     from spinlm.rollout.hf_rollout import SamplingParams, generate
 
-    cfg = load_config([f"model.path={model_dir}", f"data.val_files={test_file}", *LENGTHS])
+    cfg = load_config([f"model.path={model_dir}", f"data.val_files={test_file}", *lengths])
     tokenizer = load_tokenizer(str(model_dir))
     model = load_model(str(model_dir), dtype="float32", attn_implementation=cfg.model.attn_implementation,
                        device=torch.device("cpu"))
@@ -119,9 +118,21 @@ def per_prompt_correct(model_dir: Path, test_file: Path) -> str:
     rollout = generate(model, [it.prompt_ids for it in items],
                        SamplingParams(max_new_tokens=cfg.data.max_response_length, greedy=True),
                        pad_id=tokenizer.pad_token_id, eos_ids=eos_ids_of(tokenizer, model), batch_size=64)
-    texts = tokenizer.batch_decode([r[0] for r in rollout.responses], skip_special_tokens=True)
-    scores = score_responses(get_reward_fn(cfg.reward), items, texts)
-    return "".join("1" if s > 0 else "0" for s in scores)
+    return items, tokenizer.batch_decode([r[0] for r in rollout.responses], skip_special_tokens=True)
+
+
+def correct_bits(items: list, texts: list[str], gsm8k_method: str = "strict") -> str:
+    """Each answer scored by the GSM8K rule reward as the trainer's val/acc is: a string of '0'/'1'."""
+    from spinlm.config import load_config
+    from spinlm.rewards import get_reward_fn, score_responses
+
+    reward_fn = get_reward_fn(load_config([f"reward.gsm8k_method={gsm8k_method}"]).reward)
+    return "".join("1" if s > 0 else "0" for s in score_responses(reward_fn, items, texts))
+
+
+def per_prompt_correct(model_dir: Path, test_file: Path) -> str:
+    """Greedy exact match per prompt of `test_file` (strict GSM8K rule, the trainer's val/acc)."""
+    return correct_bits(*greedy_answers(model_dir, test_file))
 
 
 def accuracy(bits: str) -> float:
