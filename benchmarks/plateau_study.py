@@ -164,6 +164,7 @@ def sft_curve(paths: dict[str, Path], settings: dict, work: Path, results: Path)
         else:
             best = max(range(len(curve)), key=lambda i: curve[i]["dev_acc"])
             if len(curve) - 1 - best >= settings["patience"] or len(curve) >= settings["max_passes"]:
+                save(cache_file, {"passes": curve, "n_params": info["n_params"]})  # the model size, for the write-up
                 return curve
             model = work / "sft" / f"pass{len(curve) + 1}"
             shutil.rmtree(model, ignore_errors=True)  # a pass cut short earlier: never recorded, so redo it
@@ -176,7 +177,7 @@ def sft_curve(paths: dict[str, Path], settings: dict, work: Path, results: Path)
         dev, test = per_prompt_correct(model, paths["dev"]), per_prompt_correct(model, paths["test"])
         curve.append({"pass": len(curve) + 1, "steps": (len(curve) + 1) * settings["pass_steps"], "model": str(model),
                       "dev_acc": accuracy(dev), "test_acc": accuracy(test), "test": test, "seconds": seconds})
-        save(cache_file, {"passes": curve})
+        save(cache_file, {"passes": curve, "n_params": info["n_params"]})
         print(f"SFT pass {len(curve)}: dev {100 * accuracy(dev):.1f}  test {100 * accuracy(test):.1f}  "
               f"({seconds:.0f} s)", flush=True)
 
@@ -394,16 +395,13 @@ def plots(curve: list[dict], chosen: int, runs: dict, start_bits: str, rounds: i
 
 # ------------------------------------------------------------------------------------------------------------ main
 
-def earlier_study() -> list[str]:
-    """benchmarks/quality.py's write-up (the weak-start study), headings one level down, for RESULTS.md."""
-    path = RESULTS / "quality.md"
+def included_study(name: str, title: str, note: str) -> list[str]:
+    """Another study's write-up (benchmarks/results/NAME.md, its reading included), headings one level down."""
+    path = RESULTS / f"{name}.md"
     if not path.exists():
         return []
     text = path.read_text().rstrip().splitlines()
-    return ["# Earlier study: the bundled tiny task from a weak SFT start (benchmarks/quality.py)", "",
-            "Kept as measured: a different start (10.5%, far from its SFT plateau), 200 val prompts; "
-            "regenerate with `benchmarks/quality.py`.", "",
-            *[("#" + line) if line.startswith("#") else line for line in text[1:]]]
+    return [f"# {title}", "", note, "", *[("#" + line) if line.startswith("#") else line for line in text[1:]], ""]
 
 
 def locations(settings: dict, quick: bool) -> tuple[Path, Path, Path]:
@@ -463,7 +461,7 @@ def load_runs(settings: dict, results: Path) -> dict[str, dict[int, dict]]:
 
 def task_section(settings: dict, quick: bool) -> list[str]:
     """The markdown of one task's study from its result files; [] when its SFT curve has not started."""
-    results, _, cache = locations(settings, quick)
+    results = locations(settings, quick)[0]
     if not (results / "sft_curve.json").exists():
         return []
     curve = json.loads((results / "sft_curve.json").read_text())["passes"]
@@ -473,8 +471,7 @@ def task_section(settings: dict, quick: bool) -> list[str]:
     stopped = len(curve) - 1 - chosen >= settings["patience"]
     out_dir = results.parent if not quick else results
     pngs = plots(curve, chosen, runs, curve[chosen]["test"], rounds, out_dir, settings["name"])
-    info_file = cache / "task" / "build_info.json"
-    info = json.loads(info_file.read_text()) if info_file.exists() else {}
+    n_params = json.loads((results / "sft_curve.json").read_text()).get("n_params")
     run_seconds = sum(r["seconds"] for by_seed in runs.values() for r in by_seed.values())
     sft_seconds = sum(p["seconds"] for p in curve)
     missing = sorted({(n, s) for n in METHODS for s in settings["seeds"]}
@@ -485,7 +482,7 @@ def task_section(settings: dict, quick: bool) -> list[str]:
     if not stopped:
         status += (f" **The SFT curve did not reach its stopping rule** ({len(curve)} of at most "
                    f"{settings['max_passes']} passes done, best pass {chosen + 1}).")
-    n_params = f"{info['n_params'] / 1e6:.2f}M parameters" if info else "(build info missing)"
+    n_params = f"{n_params / 1e6:.2f}M parameters" if n_params else "(size not recorded: rerun the study)"
     return [
         f"## Task: {settings['title']}",
         "",
@@ -571,7 +568,11 @@ def write_markdown(sections: list[list[str]], quick: bool) -> None:
     for section in sections:
         md += section
     if not quick:
-        md += earlier_study()
+        md += included_study("smollm2", "A real pretrained model: SmolLM2-135M-Instruct (benchmarks/smollm2_study.py)",
+                             "Regenerate with `benchmarks/smollm2_study.py` (it fetches and converts the model).")
+        md += included_study("quality", "Earlier study: the bundled tiny task from a weak SFT start "
+                             "(benchmarks/quality.py)", "Kept as measured: a different start (10.5%, far from its SFT "
+                             "plateau), 200 val prompts; regenerate with `benchmarks/quality.py`.")
     out_md.write_text("\n".join(md) + "\n")
     print(f"wrote {out_md}")
 
