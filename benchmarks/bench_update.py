@@ -6,6 +6,10 @@ spinlm precomputes the reference log-probs once (as spin mode does) and times `p
 runs with its default reference copy and, as a second variant, with `precompute_ref_log_probs=True`. Every variant
 runs in its own subprocess so peak RSS (ru_maxrss) is per variant.
 
+A fourth variant, spinlm_block_mask, is spinlm with one block-causal-masked sdpa call per packed row instead of
+one causal call per sequence (its attention before `spinlm_packed_sdpa`). FLOPs counted: 6 N per trained token
+(8 N when a reference forward runs in the step: TRL's default) plus causal attention (6 L^2 d per sequence and layer).
+
 Texts for TRL are the token ids written as words ("t17 t5 ... </s>") under a word-level tokenizer, so TRL's own
 tokenisation gives back exactly the token ids spinlm trains on.
 
@@ -37,10 +41,14 @@ MODELS = {
                  prompt=(16, 64), response=(8, 64), batch=8, steps=7),
     "25m": dict(vocab=32000, hidden=384, layers=6, heads=6, inter=1024, tie=True,
                 prompt=(64, 256), response=(32, 512), batch=4, steps=6),
+    # the 25m model on long sequences (prompts 256-512, responses 1024-2048): where attention's cost shows
+    "25m_long": dict(vocab=32000, hidden=384, layers=6, heads=6, inter=1024, tie=True,
+                     prompt=(256, 512), response=(1024, 2048), batch=2, steps=5),
     "152k": dict(vocab=152064, hidden=256, layers=2, heads=4, inter=768, tie=True,
                  prompt=(512, 512), response=(512, 512), batch=2, steps=6),
 }
-VARIANTS = ["spinlm", "trl", "trl_precompute"]
+# spinlm_block_mask: spinlm with the block-causal mask over each packed row (its attention before PACKED_SDPA)
+VARIANTS = ["spinlm", "spinlm_block_mask", "trl", "trl_precompute"]
 
 
 def build_model(spec: dict):
@@ -79,20 +87,40 @@ def matmul_params(model) -> int:
     return total - emb + (emb if tied else 0)
 
 
-def run_spinlm(spec: dict) -> dict:
+def attention_flops(spec: dict, factor: int) -> list[float]:
+    """Per step, the causal attention FLOPs: per sequence and layer 2 L^2 d forward (QK^T and AV over the L^2 / 2
+    causal pairs), backward twice that (factor 6; 8 when a reference forward runs in the step)."""
+    prompts, chosen, rejected = make_pairs(spec)
+    b = spec["batch"]
+    return [factor / 3 * 2 * spec["hidden"] * spec["layers"] * sum(
+        (len(prompts[i]) + len(resp[i])) ** 2 for i in range(s * b, (s + 1) * b) for resp in (chosen, rejected))
+        for s in range(spec["steps"])]
+
+
+def trainer_optimizer(model) -> torch.optim.Optimizer:
+    """The optimizer the trainer builds (AdamW, fused on CPU; weight decay 0 as TRL's default), at lr 1e-5."""
+    from spinlm.config import load_config
+    from spinlm.workers.fsdp_workers import build_optimizer
+
+    return build_optimizer(model.parameters(), load_config(["actor.lr=1e-5"]).actor)
+
+
+def run_spinlm(spec: dict, block_mask: bool = False) -> dict:
     from spinlm.pairs import Pairs
     from spinlm.workers.dp_actor import DataParallelActor, LossSettings
     from spinlm.workers.logprobs import ResponseLogProbs
 
     model = build_model(spec)
     prompts, chosen, rejected = make_pairs(spec)
-    actor = DataParallelActor(ResponseLogProbs(model), micro_batch_size=spec["batch"],
-                              max_tokens_per_micro_batch=None)
+    wrapper = ResponseLogProbs(model)
+    if block_mask:
+        model.set_attn_implementation("sdpa")
+    actor = DataParallelActor(wrapper, micro_batch_size=spec["batch"], max_tokens_per_micro_batch=None)
     t0 = time.perf_counter()
     ref_c = actor.sequence_logps(prompts, chosen)
     ref_r = actor.sequence_logps(prompts, rejected)
     ref_s = time.perf_counter() - t0
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    opt = trainer_optimizer(model)
     b = spec["batch"]
     times, tokens, losses = [], [], []
     for s in range(spec["steps"]):
@@ -172,7 +200,8 @@ def run_trl(spec: dict, precompute: bool) -> dict:
 
 def child(model_name: str, variant: str) -> None:
     spec = MODELS[model_name]
-    out = run_spinlm(spec) if variant == "spinlm" else run_trl(spec, precompute=variant == "trl_precompute")
+    out = (run_spinlm(spec, block_mask=variant == "spinlm_block_mask") if variant.startswith("spinlm")
+           else run_trl(spec, precompute=variant == "trl_precompute"))
     out.update(model=model_name, variant=variant, load_avg=os.getloadavg()[0],
                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print("RESULT " + json.dumps(out))
@@ -191,7 +220,7 @@ def profile_spinlm(model_name: str) -> None:
     prompts, chosen, rejected = make_pairs(spec)
     actor = DataParallelActor(ResponseLogProbs(model), micro_batch_size=spec["batch"], max_tokens_per_micro_batch=None)
     ref_c, ref_r = actor.sequence_logps(prompts, chosen), actor.sequence_logps(prompts, rejected)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    opt = trainer_optimizer(model)
     b = spec["batch"]
 
     def step(s: int) -> None:
@@ -222,10 +251,13 @@ def summarise(r: dict) -> dict:
     measured = r["times"][1:]  # the first step is a warm-up
     step_s = statistics.median(measured)
     tok = statistics.mean(r["tokens"])
-    flops_per_token = (8 if r["ref_in_step"] else 6) * r["matmul_params"]
+    factor = 8 if r["ref_in_step"] else 6
+    attention = statistics.mean(attention_flops(MODELS[r["model"]], factor))  # over all steps, as `tok`
     return dict(model=r["model"], variant=r["variant"], measured_steps=len(measured), median_step_s=step_s,
                 tokens_per_step=tok, tokens_per_s=tok / step_s, peak_rss_mb=r["peak_rss_mb"],
-                flops_per_s=flops_per_token * tok / step_s, load_avg=r["load_avg"],
+                flops_per_s=(factor * r["matmul_params"] * tok + attention) / step_s,
+                attention_flop_share=attention / (factor * r["matmul_params"] * tok + attention),
+                load_avg=r["load_avg"],
                 first_loss=r["first_loss"], token_ids_exact=r.get("token_ids_exact"))
 
 

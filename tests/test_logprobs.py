@@ -9,10 +9,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from spinlm.core_algos import preference_loss
-from spinlm.workers.logprobs import ResponseLogProbs
 from spinlm.pairs import Pairs
 from spinlm.workers.dp_actor import DataParallelActor, LossSettings, micro_batches
-from spinlm.workers.logprobs import auto_chunk_size, chunked_token_logps, pack_sequences, packed_response_logps, padded_response_logps
+from spinlm.workers.logprobs import (PACKED_SDPA, ResponseLogProbs, auto_chunk_size, chunked_token_logps, pack_sequences,
+                                     packed_response_logps, padded_response_logps, use_packed_attention)
 
 VOCAB = 64
 SIZES = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -108,6 +108,7 @@ def test_pack_sequences_hand_made():
         [0, 0, 0, 1, 1, 0],
         [0, 0, 0, 0, 0, 1],   # padding: only itself, so no softmax row is all masked
     ]
+    assert b.spans == (((0, 6),), ((0, 3), (3, 5)))  # per row, each sequence's columns; (5, 6) is padding
     assert pack_sequences(prompts, responses, "cpu", block_mask=False).attention_mask is None
 
 
@@ -154,6 +155,44 @@ def test_packed_equals_padded(kind, row_length):
     assert g_packed.keys() == g_padded.keys() and len(g_packed) == len(list(model.parameters()))
     for name in g_padded:
         torch.testing.assert_close(g_packed[name], g_padded[name], atol=1e-5, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("kind", sorted(BUILDERS))
+def test_packed_attention_equals_the_block_mask(kind):
+    """PACKED_SDPA (one causal call per sequence span) gives the masked packed path's log-probs and gradients, and
+    the padded path's; a sliding-window model (Mistral's default config) keeps sdpa and the mask."""
+    masked_model = tiny_model(kind)
+    model = copy.deepcopy(masked_model)
+    switched = use_packed_attention(model)
+    assert switched == (kind != "mistral")
+    assert model.config._attn_implementation == (PACKED_SDPA if switched else "sdpa")
+    prompts, responses = _mixed_lengths()
+    batch = pack_sequences(prompts, responses, "cpu", row_length=40)
+    assert any(len(row) > 1 for row in batch.spans) and batch.spans[-1][-1][1] < 40  # shared rows and a padded tail
+    packed, _ = packed_response_logps(model, batch, chunk=5)
+    packed.sum().backward()
+    g_packed = _grads(model)
+    masked, _ = packed_response_logps(masked_model, batch, chunk=5)
+    masked.sum().backward()
+    g_masked = _grads(masked_model)
+    padded = padded_response_logps(masked_model, prompts, responses, pad_id=0, device="cpu")
+    torch.testing.assert_close(packed, masked, atol=1e-5, rtol=0)
+    torch.testing.assert_close(packed, padded.double(), atol=1e-5, rtol=0)
+    assert g_packed.keys() == g_masked.keys()
+    for name in g_masked:
+        torch.testing.assert_close(g_packed[name], g_masked[name], atol=1e-5, rtol=0, msg=name)
+
+
+def test_packed_attention_leaves_generation_unchanged():
+    """The rollout generates with the same model object: without packed spans PACKED_SDPA is sdpa, padding
+    mask included (a left-padded batch of two prompts)."""
+    model = tiny_model("llama")
+    ids = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 5]])
+    attention = (ids != 0).long()
+    kwargs = dict(attention_mask=attention, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    before = model.generate(ids, **kwargs)
+    assert ResponseLogProbs(model).model.config._attn_implementation == PACKED_SDPA
+    assert torch.equal(model.generate(ids, **kwargs), before)
 
 
 def test_packed_equals_padded_eager_attention():

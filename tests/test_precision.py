@@ -10,6 +10,7 @@ from conftest import save_arith_model
 from spinlm.pairs import Pairs
 from spinlm.workers.dp_actor import LossSettings
 from spinlm.workers.fsdp_workers import PolicyWorker
+from spinlm.workers.logprobs import PACKED_SDPA
 from spinlm.modeling import resolve_attn_implementation
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -80,5 +81,6 @@ def test_auto_attention_is_sdpa_without_flash_attn(model_dir):
     assert resolve_attn_implementation("auto", torch.device("cpu")) == "sdpa"
     assert resolve_attn_implementation("eager", torch.device("cpu")) == "eager"
     w = worker(model_dir, "model.attn_implementation=auto")
-    assert w.model.config._attn_implementation == "sdpa"
-    assert w.actor.block_mask  # packing needs the block-causal mask with sdpa
+    # sdpa, with one causal call per packed sequence in the log-prob passes (generation: plain sdpa)
+    assert w.model.config._attn_implementation == PACKED_SDPA
+    assert w.actor.block_mask  # still passed: without it transformers would build it from the packed position_ids

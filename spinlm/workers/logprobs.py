@@ -3,7 +3,9 @@
 Two ideas, both measured in benchmarks/:
 - Packing: the sequences of a micro-batch are concatenated into one row; position_ids restart per sequence and a
   block-causal mask keeps attention inside each sequence, so padding costs nothing. (With flash_attention_2 the
-  mask is omitted: transformers detects packed sequences from position_ids.)
+  mask is omitted: transformers detects packed sequences from position_ids.) Under sdpa, a plain causal model is
+  switched to PACKED_SDPA: one causal attention call per sequence over its own span, where the masked call costs
+  rows x L^2 (every block of the mask computed, most of them thrown away).
 - Chunked lm-head: only the hidden states that predict a response token go through the output embedding, a
   chunk of tokens at a time (logsumexp + gather of the target); backward recomputes each chunk's logits.
 """
@@ -12,8 +14,57 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
 
 from spinlm.core_algos import segment_sum
+
+PACKED_SDPA = "spinlm_packed_sdpa"
+
+
+def _packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                 packed_spans: tuple[tuple[tuple[int, int], ...], ...] | None = None, **kwargs):
+    """transformers' sdpa attention, except on a packed batch (`packed_spans`: per row, the [start, end) column
+    span of each sequence): there each sequence attends causally within its span, one is_causal call each, and
+    the padding at a row's end gets zeros. The block-causal mask gives the same result at rows x L^2 cost."""
+    if packed_spans is None:  # generation, or any forward that is not a packed batch
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    n_rep = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
+    heads, length = query.shape[1], query.shape[2]
+    rows = []
+    # unbind and split, not indexing: their backward is one stack / cat, where each slice's backward would
+    # write into a zero-filled gradient of the whole tensor
+    for spans, q_row, k_row, v_row in zip(packed_spans, query.unbind(0), key.unbind(0), value.unbind(0)):
+        sizes = [b - a for a, b in spans]
+        pad = length - spans[-1][1]
+        q_seq, k_seq, v_seq = (t.split(sizes + [pad] if pad else sizes, dim=1) for t in (q_row, k_row, v_row))
+        parts = [F.scaled_dot_product_attention(q[None], k[None], v[None], dropout_p=dropout, scale=scaling,
+                                                is_causal=True)[0]  # 4D: the flash kernel; 3D falls back to math
+                 for q, k, v, _ in zip(q_seq, k_seq, v_seq, spans)]
+        if pad:
+            parts.append(value.new_zeros(heads, pad, value.shape[-1]))
+        rows.append(torch.cat(parts, dim=1))
+    return torch.stack(rows).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(PACKED_SDPA, _packed_sdpa)
+AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)  # generation builds its masks as under sdpa
+
+
+def use_packed_attention(model) -> bool:
+    """Switch an sdpa model to PACKED_SDPA when its attention is plain causal (no sliding window, no logit
+    softcap: those need the mask). Generation is unchanged: without packed spans PACKED_SDPA is sdpa."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model: its wrapped model
+    text = base.config.get_text_config()
+    if base.config._attn_implementation != "sdpa" or getattr(text, "sliding_window", None) is not None \
+            or getattr(text, "attn_logit_softcapping", None) is not None:
+        return False
+    base.set_attn_implementation(PACKED_SDPA)
+    return True
 
 
 class _ChunkedTokenLogps(torch.autograd.Function):
@@ -90,6 +141,7 @@ class PackedBatch:
     segment: torch.Tensor          # [N] which sequence each target belongs to
     num_sequences: int
     num_tokens: int                # real tokens (no padding)
+    spans: tuple[tuple[tuple[int, int], ...], ...] = ()  # per row, the [start, end) columns of each sequence
 
     def response_lengths(self) -> torch.Tensor:
         return torch.bincount(self.segment, minlength=self.num_sequences)
@@ -115,8 +167,9 @@ def pack_sequences(prompts: list[list[int]], responses: list[list[int]], device,
                    row_length: int | None = None) -> PackedBatch:
     """Pack (prompt, response) token lists into rows no longer than row_length (default: the longest sequence).
 
-    Attention costs rows x L^2, so rows as long as the longest sequence cost what a length-sorted padded batch
-    costs in attention, while the MLP and lm-head see no padding at all. The log-prob of response token j comes
+    Under the block mask attention costs rows x L^2, so rows as long as the longest sequence cost what a
+    length-sorted padded batch costs in attention (under PACKED_SDPA, which uses `spans`, the sum of each
+    sequence's L_i^2 / 2), while the MLP and lm-head see no padding at all. The log-prob of response token j comes
     from the hidden state at j-1.
     """
     for k, (p, r) in enumerate(zip(prompts, responses)):
@@ -128,9 +181,9 @@ def pack_sequences(prompts: list[list[int]], responses: list[list[int]], device,
     ids = torch.zeros(len(rows), L, dtype=torch.long)
     pos = torch.zeros(len(rows), L, dtype=torch.long)
     seg_tok = torch.full((len(rows), L), -1, dtype=torch.long)  # -1: padding at a row's end
-    predict, targets, segment = [], [], []
+    predict, targets, segment, spans = [], [], [], []
     for r, members in enumerate(rows):
-        col = 0
+        col, row_spans = 0, []
         for k in members:
             p, resp = prompts[k], responses[k]
             n = lengths[k]
@@ -141,7 +194,9 @@ def pack_sequences(prompts: list[list[int]], responses: list[list[int]], device,
             predict.extend(range(start, start + len(resp)))
             targets.extend(resp)
             segment.extend([k] * len(resp))
+            row_spans.append((col, col + n))
             col += n
+        spans.append(tuple(row_spans))
     mask = None
     if block_mask:
         same = seg_tok[:, :, None] == seg_tok[:, None, :]
@@ -152,7 +207,7 @@ def pack_sequences(prompts: list[list[int]], responses: list[list[int]], device,
     return PackedBatch(
         input_ids=ids.to(device), position_ids=pos.to(device), attention_mask=mask,
         predict_positions=as_long(predict), targets=as_long(targets), segment=as_long(segment),
-        num_sequences=len(prompts), num_tokens=sum(lengths),
+        num_sequences=len(prompts), num_tokens=sum(lengths), spans=tuple(spans),
     )
 
 
@@ -166,8 +221,9 @@ def packed_response_logps(model, batch: PackedBatch, *, chunk: int | None = None
         # eager ADDS a ready-made 4D mask to the scores: a bool mask would add 1/0 instead of blocking
         mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(
             ~mask, torch.finfo(torch.float32).min)
+    packed = {"packed_spans": batch.spans} if model.config._attn_implementation == PACKED_SDPA else {}
     hidden = model.base_model(
-        input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask, use_cache=False
+        input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask, use_cache=False, **packed
     ).last_hidden_state
     hidden = hidden.reshape(-1, hidden.shape[-1])
     token_logps = chunked_token_logps(hidden[batch.predict_positions], head.weight, batch.targets, chunk)
@@ -183,6 +239,7 @@ class ResponseLogProbs(torch.nn.Module):
 
     def __init__(self, model, chunk: int | None = None):
         super().__init__()
+        use_packed_attention(model)
         self.model = model
         self.chunk = chunk
 
