@@ -18,7 +18,7 @@ from spinlm.workers.dp_actor import LossSettings
 from spinlm.workers.fsdp_workers import decoder_layers
 from spinlm.modeling import load_tokenizer
 from spinlm.workers.worker_group import LocalWorkerGroup
-from spinlm.workers.logprobs import pack_sequences, packed_response_logps
+from spinlm.workers.logprobs import PACKED_SDPA, pack_sequences, packed_response_logps, use_packed_attention
 
 DECODER = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                intermediate_size=128, max_position_embeddings=256)
@@ -63,11 +63,13 @@ def _sequences() -> tuple[list[list[int]], list[list[int]]]:
     return [tokens(p) for p, _ in shape], [tokens(r) for _, r in shape]
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", PACKED_SDPA])
 @pytest.mark.parametrize("arch", sorted(CONFIGS))
 def test_packed_logps_equal_a_plain_forward_per_sequence(arch, attn):
     model = build_model(arch, vocab_size=428, eos=1, pad=0)
-    model.config._attn_implementation = attn
+    model.config._attn_implementation = "eager" if attn == "eager" else "sdpa"
+    if attn == PACKED_SDPA:  # one causal call per packed sequence; every config here has no sliding window
+        assert use_packed_attention(model) and model.config._attn_implementation == PACKED_SDPA
     model.eval()
     assert len(decoder_layers(model)) == 2  # what FSDP2 shards one by one
     prompts, responses = _sequences()
