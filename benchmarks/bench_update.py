@@ -44,16 +44,30 @@ MODELS = {
     # the 25m model on long sequences (prompts 256-512, responses 1024-2048): where attention's cost shows
     "25m_long": dict(vocab=32000, hidden=384, layers=6, heads=6, inter=1024, tie=True,
                      prompt=(256, 512), response=(1024, 2048), batch=2, steps=5),
+    # a real pretrained model on real text: SmolLM2-135M-Instruct (benchmarks/smollm2_study.py converts it into
+    # .cache/smollm2) on the bundled task's questions and answers, its own tokenizer; rejected = another row's answer
+    "smollm2": dict(path=".cache/smollm2", vocab=49152, hidden=576, layers=30, batch=8, steps=6),
     "152k": dict(vocab=152064, hidden=256, layers=2, heads=4, inter=768, tie=True,
                  prompt=(512, 512), response=(512, 512), batch=2, steps=6),
 }
 # spinlm_block_mask: spinlm with the block-causal mask over each packed row (its attention before PACKED_SDPA)
-VARIANTS = ["spinlm", "spinlm_block_mask", "trl", "trl_precompute"]
+# spinlm_bf16 / trl_defaults: best against best (spinlm's model.dtype=bfloat16 autocast; TRL's DPOConfig defaults on
+# CPU: bf16 autocast and gradient checkpointing); the others are fp32 without checkpointing, like for like
+VARIANTS = ["spinlm", "spinlm_block_mask", "trl", "trl_precompute", "spinlm_bf16", "trl_defaults"]
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def build_model(spec: dict):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+    if "path" in spec:
+        path = os.path.join(REPO, spec["path"])
+        if not os.path.isdir(path):
+            sys.exit(f"bench_update.py: {path} is missing: run benchmarks/smollm2_study.py --markdown-only once "
+                     "(it fetches and converts SmolLM2-135M-Instruct)")
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=spec["vocab"], hidden_size=spec["hidden"], num_hidden_layers=spec["layers"],
                       num_attention_heads=spec["heads"], num_key_value_heads=spec["heads"],
@@ -63,9 +77,12 @@ def build_model(spec: dict):
 
 
 def make_pairs(spec: dict) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
-    """batch * steps pairs of random token ids; chosen and rejected end with EOS."""
-    g = torch.Generator().manual_seed(1)
+    """batch * steps pairs of random token ids (real text for a model with a path); chosen and rejected end with
+    EOS."""
     n = spec["batch"] * spec["steps"]
+    if "path" in spec:
+        return text_pairs(spec, n)
+    g = torch.Generator().manual_seed(1)
 
     def seq(lo_hi: tuple[int, int], eos: bool) -> list[int]:
         lo, hi = lo_hi
@@ -77,6 +94,26 @@ def make_pairs(spec: dict) -> tuple[list[list[int]], list[list[int]], list[list[
     chosen = [seq(spec["response"], True) for _ in range(n)]
     rejected = [seq(spec["response"], True) for _ in range(n)]
     return prompts, chosen, rejected
+
+
+def text_pairs(spec: dict, n: int) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+    """The bundled task's first n questions (prompt) and answers (chosen; rejected: the next row's answer) under the
+    model's own tokenizer, without special tokens, so that TRL's word-level copy of the ids stays exact."""
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    from spinlm.tasks.build import build_tiny_task
+
+    tok = AutoTokenizer.from_pretrained(os.path.join(REPO, spec["path"]))
+    if tok.eos_token_id != EOS:
+        sys.exit(f"bench_update.py: {spec['path']}: EOS id {tok.eos_token_id}, the benchmark's word tokenizer "
+                 f"uses {EOS}")
+    rows = pq.read_table(build_tiny_task(os.path.join(REPO, ".cache", "tiny_task")) / "train.parquet").slice(0, n + 1)
+    rows = rows.to_pylist()
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prompts = [ids(r["prompt"][0]["content"] + "\n") for r in rows[:n]]
+    answers = [ids(r["extra_info"]["answer"]) + [EOS] for r in rows]
+    return prompts, answers[:n], answers[1:]
 
 
 def matmul_params(model) -> int:
@@ -105,7 +142,7 @@ def trainer_optimizer(model) -> torch.optim.Optimizer:
     return build_optimizer(model.parameters(), load_config(["actor.lr=1e-5"]).actor)
 
 
-def run_spinlm(spec: dict, block_mask: bool = False) -> dict:
+def run_spinlm(spec: dict, block_mask: bool = False, bf16: bool = False) -> dict:
     from spinlm.pairs import Pairs
     from spinlm.workers.dp_actor import DataParallelActor, LossSettings
     from spinlm.workers.logprobs import ResponseLogProbs
@@ -115,7 +152,11 @@ def run_spinlm(spec: dict, block_mask: bool = False) -> dict:
     wrapper = ResponseLogProbs(model)
     if block_mask:
         model.set_attn_implementation("sdpa")
-    actor = DataParallelActor(wrapper, micro_batch_size=spec["batch"], max_tokens_per_micro_batch=None)
+    from spinlm.modeling import autocast_context
+
+    autocast = (lambda: autocast_context("bfloat16", torch.device("cpu"))) if bf16 else None
+    actor = DataParallelActor(wrapper, micro_batch_size=spec["batch"], max_tokens_per_micro_batch=None,
+                              **({"autocast": autocast} if autocast else {}))
     t0 = time.perf_counter()
     ref_c = actor.sequence_logps(prompts, chosen)
     ref_r = actor.sequence_logps(prompts, rejected)
@@ -150,7 +191,7 @@ def to_text(ids: list[int]) -> str:
     return " ".join("</s>" if i == EOS else f"t{i}" for i in ids)
 
 
-def run_trl(spec: dict, precompute: bool) -> dict:
+def run_trl(spec: dict, precompute: bool, defaults: bool = False) -> dict:
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
@@ -183,10 +224,11 @@ def run_trl(spec: dict, precompute: bool) -> dict:
         model = LlamaForCausalLM.from_pretrained(f"{out}/model", dtype=torch.float32)
         args = DPOConfig(output_dir=f"{out}/run", use_cpu=True, report_to=[], per_device_train_batch_size=spec["batch"],
                          gradient_accumulation_steps=1, max_steps=spec["steps"], learning_rate=1e-5, beta=0.1,
-                         loss_type="sigmoid", logging_steps=1, save_strategy="no", gradient_checkpointing=False,
-                         bf16=False, fp16=False, max_length=None, precompute_ref_log_probs=precompute,
+                         loss_type="sigmoid", logging_steps=1, save_strategy="no",
+                         **({} if defaults else dict(gradient_checkpointing=False, bf16=False, fp16=False)),
+                         max_length=None, precompute_ref_log_probs=precompute,
                          max_grad_norm=1.0, disable_tqdm=True, seed=0, dataloader_num_workers=0,
-                         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.01)
+                         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0)
         trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_dict(data), processing_class=tok,
                              callbacks=[StepTimer()])
         t0 = time.perf_counter()
@@ -200,8 +242,9 @@ def run_trl(spec: dict, precompute: bool) -> dict:
 
 def child(model_name: str, variant: str) -> None:
     spec = MODELS[model_name]
-    out = (run_spinlm(spec, block_mask=variant == "spinlm_block_mask") if variant.startswith("spinlm")
-           else run_trl(spec, precompute=variant == "trl_precompute"))
+    out = (run_spinlm(spec, block_mask=variant == "spinlm_block_mask", bf16=variant == "spinlm_bf16")
+           if variant.startswith("spinlm")
+           else run_trl(spec, precompute=variant == "trl_precompute", defaults=variant == "trl_defaults"))
     out.update(model=model_name, variant=variant, load_avg=os.getloadavg()[0],
                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print("RESULT " + json.dumps(out))
@@ -265,7 +308,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="only the tiny model")
     p.add_argument("--models", default="tiny,25m,152k", help="comma-separated subset of " + ",".join(MODELS))
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(VARIANTS[:4]), help="comma-separated subset of " + ",".join(VARIANTS))
     p.add_argument("--rounds", type=int, default=2, help="runs of every variant, alternated")
     p.add_argument("--profile", metavar="MODEL", help="print a torch.profiler summary of spinlm's step and exit")
     p.add_argument("--json", help="also write the results here")
@@ -319,9 +362,13 @@ def main() -> None:
                   f"tokens/step {r['tokens_per_step']:.0f}  {r['tokens_per_s']:.0f} tok/s  "
                   f"peak RSS {r['peak_rss_mb']:.0f} MB  {r['flops_per_s'] / 1e9:.1f} GFLOP/s  "
                   f"load {r['load_avg']:.2f}  loss0 {r['first_loss']:.4f}  ids exact {r['token_ids_exact']}", flush=True)
+        if "spinlm_bf16" in by_variant and "trl_defaults" in by_variant:  # best against best
+            s, t = by_variant["spinlm_bf16"], by_variant["trl_defaults"]
+            print(f"{m:5s} spinlm_bf16 vs trl_defaults: speed {s['tokens_per_s'] / t['tokens_per_s']:.2f}x, "
+                  f"peak RSS {s['peak_rss_mb'] / t['peak_rss_mb']:.2f}x", flush=True)
         if "spinlm" in by_variant:
             s = by_variant["spinlm"]
-            for v in [x for x in variants if x != "spinlm"]:
+            for v in [x for x in variants if x not in ("spinlm", "spinlm_bf16", "trl_defaults")]:
                 t = by_variant[v]
                 print(f"{m:5s} spinlm vs {v}: speed {s['tokens_per_s'] / t['tokens_per_s']:.2f}x, "
                       f"peak RSS {s['peak_rss_mb'] / t['peak_rss_mb']:.2f}x", flush=True)
