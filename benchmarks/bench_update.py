@@ -18,6 +18,8 @@ tokenisation gives back exactly the token ids spinlm trains on.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import platform
@@ -124,9 +126,11 @@ def matmul_params(model) -> int:
     return total - emb + (emb if tied else 0)
 
 
-def attention_flops(spec: dict, factor: int) -> list[float]:
+@functools.cache  # summarise asks once per variant and round; the pairs (a tokenizer for real text) stay the same
+def attention_flops(model_name: str, factor: int) -> list[float]:
     """Per step, the causal attention FLOPs: per sequence and layer 2 L^2 d forward (QK^T and AV over the L^2 / 2
     causal pairs), backward twice that (factor 6; 8 when a reference forward runs in the step)."""
+    spec = MODELS[model_name]
     prompts, chosen, rejected = make_pairs(spec)
     b = spec["batch"]
     return [factor / 3 * 2 * spec["hidden"] * spec["layers"] * sum(
@@ -143,6 +147,7 @@ def trainer_optimizer(model) -> torch.optim.Optimizer:
 
 
 def run_spinlm(spec: dict, block_mask: bool = False, bf16: bool = False) -> dict:
+    from spinlm.modeling import autocast_context
     from spinlm.pairs import Pairs
     from spinlm.workers.dp_actor import DataParallelActor, LossSettings
     from spinlm.workers.logprobs import ResponseLogProbs
@@ -152,11 +157,9 @@ def run_spinlm(spec: dict, block_mask: bool = False, bf16: bool = False) -> dict
     wrapper = ResponseLogProbs(model)
     if block_mask:
         model.set_attn_implementation("sdpa")
-    from spinlm.modeling import autocast_context
-
-    autocast = (lambda: autocast_context("bfloat16", torch.device("cpu"))) if bf16 else None
+    autocast = (lambda: autocast_context("bfloat16", torch.device("cpu"))) if bf16 else contextlib.nullcontext
     actor = DataParallelActor(wrapper, micro_batch_size=spec["batch"], max_tokens_per_micro_batch=None,
-                              **({"autocast": autocast} if autocast else {}))
+                              autocast=autocast)
     t0 = time.perf_counter()
     ref_c = actor.sequence_logps(prompts, chosen)
     ref_r = actor.sequence_logps(prompts, rejected)
@@ -295,7 +298,7 @@ def summarise(r: dict) -> dict:
     step_s = statistics.median(measured)
     tok = statistics.mean(r["tokens"])
     factor = 8 if r["ref_in_step"] else 6
-    attention = statistics.mean(attention_flops(MODELS[r["model"]], factor))  # over all steps, as `tok`
+    attention = statistics.mean(attention_flops(r["model"], factor))  # over all steps, as `tok`
     return dict(model=r["model"], variant=r["variant"], measured_steps=len(measured), median_step_s=step_s,
                 tokens_per_step=tok, tokens_per_s=tok / step_s, peak_rss_mb=r["peak_rss_mb"],
                 flops_per_s=(factor * r["matmul_params"] * tok + attention) / step_s,

@@ -44,7 +44,7 @@ def _packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0
         q_seq, k_seq, v_seq = (t.split(sizes + [pad] if pad else sizes, dim=1) for t in (q_row, k_row, v_row))
         parts = [F.scaled_dot_product_attention(q[None], k[None], v[None], dropout_p=dropout, scale=scaling,
                                                 is_causal=True)[0]  # 4D: the flash kernel; 3D falls back to math
-                 for q, k, v, _ in zip(q_seq, k_seq, v_seq, spans)]
+                 for q, k, v, _ in zip(q_seq, k_seq, v_seq, spans)]  # zip with spans: the padding piece is left out
         if pad:
             parts.append(value.new_zeros(heads, pad, value.shape[-1]))
         rows.append(torch.cat(parts, dim=1))
