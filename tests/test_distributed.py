@@ -204,13 +204,19 @@ def two_nodes(tiny_task):
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # a job's `python`
     port, dashboard_port = free_tcp_port(), free_tcp_port()
     common = ["--num-cpus=1", "--object-store-memory=100000000", "--disable-usage-stats"]
+
+    def own_ports() -> list[str]:
+        # Ray's per-node agents default to fixed ports (52365, ...): a second Ray on the machine, such as another
+        # test worker's local ray.init, holds them, the head's job agent cannot bind, and every submit is refused
+        return [f"--{flag}={free_tcp_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                           "runtime-env-agent-port", "metrics-export-port")]
     dashboard = (["--include-dashboard=false"] if dashboard_missing() else
                  ["--include-dashboard=true", "--dashboard-host=127.0.0.1"])
     nodes = []
     try:
         nodes.append(start_ray_node(["--head", f"--port={port}", f"--dashboard-port={dashboard_port}", *dashboard,
-                                     *common, f"--temp-dir={temp_root / 'h'}"], temp_root / "head.log", env))
-        nodes.append(start_ray_node([f"--address=127.0.0.1:{port}", *common, f"--temp-dir={temp_root / 'n'}"],
+                                     *common, *own_ports(), f"--temp-dir={temp_root / 'h'}"], temp_root / "head.log", env))
+        nodes.append(start_ray_node([f"--address=127.0.0.1:{port}", *common, *own_ports(), f"--temp-dir={temp_root / 'n'}"],
                                     temp_root / "node.log", env))
         yield RayCluster(f"127.0.0.1:{port}", None if dashboard_missing() else f"http://127.0.0.1:{dashboard_port}",
                          temp_root)
@@ -288,7 +294,7 @@ def test_ray_job_submit_trains_on_the_cluster(tiny_task, tmp_path, request):
     submit = [RAY, "job", "submit", "--address", cluster.dashboard, "--working-dir", str(REPO),
               "--runtime-env-json", json.dumps(runtime_env), "--", "python", "-m", "spinlm.cli", "train", *SMOKE,
               "trainer.rounds=1", "trainer.nnodes=2", "ray.address=auto", f"trainer.output_dir={run_dir}"]
-    deadline = time.monotonic() + 300  # on 2 cores busy with the other test worker it took over 90 s once
+    deadline = time.monotonic() + 90
     while True:
         done = subprocess.run(submit, env={**os.environ, "RAY_AUTH_MODE": "disabled"}, capture_output=True,
                               text=True, timeout=600)
