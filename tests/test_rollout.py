@@ -265,3 +265,41 @@ def test_progress_counts_each_sequence_when_it_ends(llama, prompts):
     # rows that ended early were reported before the batch was over: more than one tick
     early = sum(1 for n in expected_ends if n < max_new)
     assert early > 0 and len(ticks) >= 2 and ticks[-1] == len(prompts) - early
+
+
+def test_preallocated_cache_layer_holds_what_dynamic_layer_holds():
+    """Prefill, repeat over n samples, decode steps, drop rows, and a write past the capacity (it grows): the keys and
+    values attention reads equal DynamicLayer's concatenated ones at every step."""
+    from transformers.cache_utils import DynamicLayer
+
+    from spinlm.rollout.hf_rollout import PreallocatedLayer
+
+    g = torch.Generator().manual_seed(0)
+    kv = lambda b, t: (torch.randn(b, 2, t, 4, generator=g), torch.randn(b, 2, t, 4, generator=g))  # noqa: E731
+    ours, theirs = PreallocatedLayer(capacity=7), DynamicLayer()
+
+    def both(op, *args):
+        out_ours, out_theirs = getattr(ours, op)(*args), getattr(theirs, op)(*args)
+        assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
+        assert ours.get_seq_length() == theirs.get_seq_length()
+        return out_ours, out_theirs
+
+    (k, v), (k2, v2) = both("update", *kv(3, 5))
+    assert torch.equal(k, k2) and torch.equal(v, v2)
+    both("batch_repeat_interleave", 2)
+    for _ in range(4):  # positions 6..9 of a 7-position buffer: the last two grow it
+        (k, v), (k2, v2) = both("update", *kv(6, 1))
+        assert torch.equal(k, k2) and torch.equal(v, v2)
+    both("batch_select_indices", torch.tensor([0, 2, 5]))
+    (k, v), (k2, v2) = both("update", *kv(3, 1))
+    assert torch.equal(k, k2) and ours.get_seq_length() == 10
+
+
+def test_rollout_cache_preallocates_full_attention_layers_only():
+    from transformers.cache_utils import DynamicLayer
+
+    from spinlm.rollout.hf_rollout import PreallocatedLayer, preallocated_cache
+
+    assert [type(x) for x in preallocated_cache(_build("llama").config, 16).layers] == [PreallocatedLayer] * 2
+    qwen = [type(x) for x in preallocated_cache(_build("qwen2").config, 16).layers]
+    assert qwen[0] is PreallocatedLayer and issubclass(qwen[1], DynamicLayer) and qwen[1] is not PreallocatedLayer

@@ -3,7 +3,9 @@
 Why not ``model.generate(num_return_sequences=n)``: it prefills every prompt n times and keeps decoding rows that
 have already emitted EOS (feeding them padding) until the longest row ends. Here each batch of prompts is prefilled
 once, its KV cache is repeated n times along the batch, and rows that have emitted EOS leave the batch (and the
-cache) once they are an eighth of it, so later steps run on fewer rows.
+cache) once they are an eighth of it, so later steps run on fewer rows. The cache of each full-attention layer is
+allocated once for the whole batch (prompt width + max_new_tokens) and written in place: transformers' DynamicCache
+concatenates at every step, copying the whole cache each time (13% of a SmolLM2-135M rollout's time, measured).
 
 Everything else matches transformers' sampling: left padding with position ids from the attention mask,
 temperature, then top-k, then top-p (transformers' own logits warpers), then a draw from the resulting distribution,
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     TemperatureLogitsWarper,
@@ -172,6 +175,65 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, *, pad_id:
     return Rollout(responses, ended)
 
 
+class PreallocatedLayer(DynamicLayer):
+    """A DynamicLayer whose keys and values live in buffers of ``capacity`` positions, allocated at the first update
+    and written in place; attention reads views of the filled part. Grows (doubling) if a caller writes past it."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self._k = key_states.new_empty((*key_states.shape[:2], self.capacity, key_states.shape[-1]))
+        self._v = value_states.new_empty((*value_states.shape[:2], self.capacity, value_states.shape[-1]))
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self._k.shape[-2]:
+            self._resize(max(end, 2 * self._k.shape[-2]))
+        self._k[:, :, self.length : end] = key_states
+        self._v[:, :, self.length : end] = value_states
+        self.length = end
+        self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+        return self.keys, self.values
+
+    def _resize(self, capacity: int) -> None:
+        k, v = self._k, self._v
+        self._k = k.new_empty((*k.shape[:2], capacity, k.shape[-1]))
+        self._v = v.new_empty((*v.shape[:2], capacity, v.shape[-1]))
+        self._k[:, :, : self.length] = k[:, :, : self.length]
+        self._v[:, :, : self.length] = v[:, :, : self.length]
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.length > 0:
+            self._k, self._v = self._k.repeat_interleave(repeats, dim=0), self._v.repeat_interleave(repeats, dim=0)
+            self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.length > 0:
+            self._k, self._v = self._k[indices], self._v[indices]
+            self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("PreallocatedLayer: the rollout never crops its cache")
+
+
+def preallocated_cache(config, capacity: int) -> DynamicCache:
+    """transformers' DynamicCache for ``config`` (its sliding-window or other special layers as they are) with every
+    plain full-attention layer replaced by a PreallocatedLayer of ``capacity`` positions."""
+    cache = DynamicCache(config=config)
+    cache.layers = [PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
 def _forward_kwargs(model, cache: DynamicCache) -> tuple[dict, dict]:
     """Keyword arguments for (prefill, decode) forwards. transformers 5.2x renamed `past_key_values` to `cache`;
     older 5.x releases only know the old name. `logits_to_keep=1`: the prefill needs the last position's logits only."""
@@ -197,7 +259,7 @@ def _generate_batch(model, prompts: list[list[int]], n: int, max_new_tokens: int
     ids, mask = ids.to(device), mask.to(device)
     # As transformers does for left padding: positions count real tokens only (pads get position 0, masked anyway).
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    cache = DynamicCache(config=model.config)
+    cache = preallocated_cache(model.config, width + max_new_tokens)
     prefill_kwargs, decode_kwargs = _forward_kwargs(model, cache)
 
     # Prefill each prompt once; its n samples share the cache, expanded along the batch dimension.
