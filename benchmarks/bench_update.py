@@ -72,7 +72,7 @@ def build_model(spec: dict):
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=spec["vocab"], hidden_size=spec["hidden"], num_hidden_layers=spec["layers"],
-                      num_attention_heads=spec["heads"], num_key_value_heads=spec["heads"],
+                      num_attention_heads=spec["heads"], num_key_value_heads=spec.get("kv_heads", spec["heads"]),
                       intermediate_size=spec["inter"], tie_word_embeddings=spec["tie"],
                       max_position_embeddings=2048, bos_token_id=1, eos_token_id=EOS, pad_token_id=PAD)
     return LlamaForCausalLM(cfg).float()
@@ -127,15 +127,21 @@ def matmul_params(model) -> int:
 
 
 @functools.cache  # summarise asks once per variant and round; the pairs (a tokenizer for real text) stay the same
-def attention_flops(model_name: str, factor: int) -> list[float]:
+def attention_flops(spec_json: str, factor: int) -> list[float]:
     """Per step, the causal attention FLOPs: per sequence and layer 2 L^2 d forward (QK^T and AV over the L^2 / 2
-    causal pairs), backward twice that (factor 6; 8 when a reference forward runs in the step)."""
-    spec = MODELS[model_name]
+    causal pairs), backward twice that (factor 6; 8 when a reference forward runs in the step). The spec comes as
+    its JSON text, the cache's key."""
+    spec = json.loads(spec_json)
     prompts, chosen, rejected = make_pairs(spec)
     b = spec["batch"]
     return [factor / 3 * 2 * spec["hidden"] * spec["layers"] * sum(
         (len(prompts[i]) + len(resp[i])) ** 2 for i in range(s * b, (s + 1) * b) for resp in (chosen, rejected))
         for s in range(spec["steps"])]
+
+
+def compute_dtype(bf16: bool) -> torch.dtype:
+    """The dtype a variant's matmuls run in (bf16 autocast for spinlm_bf16 and TRL's defaults): the limit's dtype."""
+    return torch.bfloat16 if bf16 else torch.float32
 
 
 def trainer_optimizer(model) -> torch.optim.Optimizer:
@@ -166,7 +172,7 @@ def run_spinlm(spec: dict, block_mask: bool = False, bf16: bool = False) -> dict
     ref_s = time.perf_counter() - t0
     opt = trainer_optimizer(model)
     b = spec["batch"]
-    times, tokens, losses = [], [], []
+    times, tokens, losses, probes = [], [], [], []
     for s in range(spec["steps"]):
         idx = list(range(s * b, (s + 1) * b))
         pairs = Pairs([prompts[i] for i in idx], [chosen[i] for i in idx], [rejected[i] for i in idx])
@@ -175,7 +181,8 @@ def run_spinlm(spec: dict, block_mask: bool = False, bf16: bool = False) -> dict
         times.append(time.perf_counter() - t)
         tokens.append(m["train/tokens"])
         losses.append(m["loss"])
-    return dict(times=times, tokens=tokens, first_loss=losses[0], ref_precompute_s=ref_s,
+        probes.append(matmul_flops(reps=2, dtype=compute_dtype(bf16)))
+    return dict(times=times, tokens=tokens, first_loss=losses[0], ref_precompute_s=ref_s, probes=probes,
                 ref_in_step=False, matmul_params=matmul_params(model))
 
 
@@ -213,6 +220,7 @@ def run_trl(spec: dict, precompute: bool, defaults: bool = False) -> dict:
     tokens_per_step_mean = sum(len(a) + len(b) for a, b in zip(ids_c, ids_r)) / spec["steps"]
 
     times: list[float] = []
+    probes: list[float] = []
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
@@ -220,6 +228,7 @@ def run_trl(spec: dict, precompute: bool, defaults: bool = False) -> dict:
 
         def on_step_end(self, args, state, control, **kw):
             times.append(time.perf_counter() - self.t)
+            probes.append(matmul_flops(reps=2, dtype=compute_dtype(defaults)))  # outside the timed step
 
     with tempfile.TemporaryDirectory() as out:
         # TRL's default reference model is a second copy loaded from the policy's path, so give it one
@@ -239,16 +248,16 @@ def run_trl(spec: dict, precompute: bool, defaults: bool = False) -> dict:
         total_s = time.perf_counter() - t0
         logs = [h for h in trainer.state.log_history if "loss" in h]
     return dict(times=times, tokens=[tokens_per_step_mean] * len(times), first_loss=logs[0]["loss"] if logs else None,
+                probes=probes,
                 train_total_s=total_s, ref_in_step=not precompute, token_ids_exact=exact,
                 matmul_params=matmul_params(model))
 
 
-def child(model_name: str, variant: str) -> None:
-    spec = MODELS[model_name]
+def child(spec: dict, model_name: str, variant: str) -> None:
     out = (run_spinlm(spec, block_mask=variant == "spinlm_block_mask", bf16=variant == "spinlm_bf16")
            if variant.startswith("spinlm")
            else run_trl(spec, precompute=variant == "trl_precompute", defaults=variant == "trl_defaults"))
-    out.update(model=model_name, variant=variant, load_avg=os.getloadavg()[0],
+    out.update(model=model_name, spec=spec, variant=variant, load_avg=os.getloadavg()[0],
                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print("RESULT " + json.dumps(out))
 
@@ -281,9 +290,9 @@ def profile_spinlm(model_name: str) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
-def matmul_flops(n: int = 2048, reps: int = 10) -> float:
-    """fp32 matmul FLOP/s of this machine (best of `reps` n x n x n products)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_flops(n: int = 2048, reps: int = 10, dtype: torch.dtype = torch.float32) -> float:
+    """matmul FLOP/s of this machine in `dtype` (best of `reps` n x n x n products)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     best = float("inf")
     for _ in range(reps):
@@ -293,18 +302,71 @@ def matmul_flops(n: int = 2048, reps: int = 10) -> float:
     return 2 * n ** 3 / best
 
 
+class ChildFailed(RuntimeError):
+    def __init__(self, label: str, returncode: int, stderr: str):
+        super().__init__(f"{label} failed (exit {returncode}):\n{stderr[-3000:]}")
+        self.returncode, self.stderr = returncode, stderr
+
+
+def run_child(child_args: list[str], label: str, preexec_fn=None) -> dict:
+    """One variant in its own subprocess (`--child MODEL VARIANT` or `--child-spec JSON VARIANT`): its RESULT dict;
+    ChildFailed when it exits non-zero."""
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), *child_args], capture_output=True, text=True,
+                          preexec_fn=preexec_fn)
+    if proc.returncode != 0:
+        raise ChildFailed(label, proc.returncode, proc.stderr)
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def machine() -> dict:
+    """cpu, its bf16 / AMX units, cores, library versions, fp32 and bf16 matmul rates, load average; `line` is all of
+    it as one line. Hosts of the same name differ: whether bf16 matmuls are fast depends on avx512_bf16 / AMX."""
+    import transformers
+    import trl
+
+    peak, peak_bf16 = matmul_flops(), matmul_flops(dtype=torch.bfloat16)
+    info = open("/proc/cpuinfo").read().splitlines()
+    cpu = next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")), platform.processor())
+    flags = next((ln.split(":", 1)[1].split() for ln in info if ln.startswith("flags")), [])
+    units = [f for f in flags if f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile")]
+    line = (f"cpu: {cpu} ({' '.join(units) or 'no avx512'}), {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"transformers {transformers.__version__}, trl {trl.__version__}, {torch.get_num_threads()} threads, "
+            f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, matmul 2048^2 fp32 {peak / 1e9:.1f} / bf16 "
+            f"{peak_bf16 / 1e9:.1f} GFLOP/s, load avg {os.getloadavg()[0]:.2f}")
+    return dict(cpu=cpu, units=units, cores=os.cpu_count(), torch=torch.__version__,
+                transformers=transformers.__version__, trl=trl.__version__, matmul_flops=peak,
+                matmul_flops_bf16=peak_bf16, load_avg=os.getloadavg()[0], line=line)
+
+
 def summarise(r: dict) -> dict:
     measured = r["times"][1:]  # the first step is a warm-up
     step_s = statistics.median(measured)
     tok = statistics.mean(r["tokens"])
     factor = 8 if r["ref_in_step"] else 6
-    attention = statistics.mean(attention_flops(r["model"], factor))  # over all steps, as `tok`
+    attention = statistics.mean(attention_flops(json.dumps(r["spec"], sort_keys=True), factor))  # all steps, as `tok`
+    flops_per_s = (factor * r["matmul_params"] * tok + attention) / step_s
+    # the limit: the best matmul rate probed between this child's steps, in its compute dtype (the machine's speed
+    # drifts by up to 25% from minute to minute on this shared host; a probe at another time would misjudge it)
+    limit = max(r["probes"])
     return dict(model=r["model"], variant=r["variant"], measured_steps=len(measured), median_step_s=step_s,
                 tokens_per_step=tok, tokens_per_s=tok / step_s, peak_rss_mb=r["peak_rss_mb"],
-                flops_per_s=(factor * r["matmul_params"] * tok + attention) / step_s,
+                flops_per_s=flops_per_s, matmul_limit=limit, flops_frac=flops_per_s / limit,
                 attention_flop_share=attention / (factor * r["matmul_params"] * tok + attention),
                 load_avg=r["load_avg"],
                 first_loss=r["first_loss"], token_ids_exact=r.get("token_ids_exact"))
+
+
+BF16 = ("spinlm_bf16", "trl_defaults")  # the variants whose matmuls run in bf16
+
+
+def ratios(a: list[dict], b: list[dict]) -> str:
+    """tokens/s and peak RSS of a over b: the ratio of medians, and the median of the ratios of runs alternated in
+    the same round (the steadier of the two when the machine's speed drifts)."""
+    med = lambda runs, k: statistics.median(x[k] for x in runs)  # noqa: E731
+    paired = statistics.median(x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(a, b))
+    return (f"speed {med(a, 'tokens_per_s') / med(b, 'tokens_per_s'):.2f}x (paired runs: {paired:.2f}x), "
+            f"peak RSS {med(a, 'peak_rss_mb') / med(b, 'peak_rss_mb'):.2f}x")
 
 
 def main() -> None:
@@ -312,10 +374,12 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="only the tiny model")
     p.add_argument("--models", default="tiny,25m,152k", help="comma-separated subset of " + ",".join(MODELS))
     p.add_argument("--variants", default=",".join(VARIANTS[:4]), help="comma-separated subset of " + ",".join(VARIANTS))
-    p.add_argument("--rounds", type=int, default=2, help="runs of every variant, alternated")
+    p.add_argument("--rounds", type=int, default=5, help="runs of every variant, alternated; medians reported")
     p.add_argument("--profile", metavar="MODEL", help="print a torch.profiler summary of spinlm's step and exit")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--child", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
+    # a spec dict with a MODELS entry's keys, as JSON (benchmarks/sweep_update.py)
+    p.add_argument("--child-spec", nargs=2, metavar=("JSON", "VARIANT"), help=argparse.SUPPRESS)
     args = p.parse_args()
     try:
         import trl  # noqa: F401
@@ -323,7 +387,10 @@ def main() -> None:
         print("bench_update.py needs TRL for the comparison: pip install trl==1.16.0", file=sys.stderr)
         sys.exit(1)
     if args.child:
-        child(*args.child)
+        child(MODELS[args.child[0]], *args.child)
+        return
+    if args.child_spec:
+        child(json.loads(args.child_spec[0]), "spec", args.child_spec[1])
         return
     if args.profile:
         profile_spinlm(args.profile)
@@ -333,56 +400,44 @@ def main() -> None:
     for name in models + variants:
         if name not in MODELS and name not in VARIANTS:
             p.error(f"unknown model/variant {name!r}; models: {', '.join(MODELS)}; variants: {', '.join(VARIANTS)}")
-    import transformers
-
-    peak = matmul_flops()
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-               platform.processor())
-    print(f"cpu: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"trl {trl.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, "
-          f"fp32 matmul {peak / 1e9:.1f} GFLOP/s, load avg {os.getloadavg()[0]:.2f}")
+    host = machine()
+    print(host["line"])
     rows = []
     for m in models:
-        # variants alternate round by round so a burst of load from another process hits them alike; each variant's
-        # step time is the best of its per-round medians
+        # variants alternate round by round so a burst of load from another process, or a slower minute of the
+        # host, hits them alike; each variant is its median over the rounds
         runs: dict[str, list[dict]] = {v: [] for v in variants}
         for _ in range(args.rounds):
             for v in variants:
-                proc = subprocess.run([sys.executable, __file__, "--child", m, v], capture_output=True, text=True)
-                if proc.returncode != 0:
-                    raise RuntimeError(f"{m}/{v} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-                line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
-                runs[v].append(summarise(json.loads(line[len("RESULT "):])))
+                runs[v].append(summarise(run_child(["--child", m, v], f"{m}/{v}")))
         by_variant = {}
         for v in variants:
-            r = dict(min(runs[v], key=lambda x: x["median_step_s"]))
-            r["round_step_s"] = [x["median_step_s"] for x in runs[v]]
-            r["peak_rss_mb"] = max(x["peak_rss_mb"] for x in runs[v])
-            r["load_avg"] = max(x["load_avg"] for x in runs[v])
+            # the median run (by step time) stands for the variant; every run's numbers are kept in the JSON
+            med = statistics.median_low([x["median_step_s"] for x in runs[v]])
+            r = dict(next(x for x in runs[v] if x["median_step_s"] == med))
+            r.update(runs=runs[v], tokens_per_s=statistics.median([x["tokens_per_s"] for x in runs[v]]),
+                     flops_frac=statistics.median([x["flops_frac"] for x in runs[v]]),
+                     peak_rss_mb=statistics.median([x["peak_rss_mb"] for x in runs[v]]),
+                     load_avg=max(x["load_avg"] for x in runs[v]))
             by_variant[v] = r
             rows.append(r)
-            print(f"{m:5s} {v:15s} step {r['median_step_s']:.3f}s (rounds {', '.join(f'{t:.3f}' for t in r['round_step_s'])})  "
-                  f"tokens/step {r['tokens_per_step']:.0f}  {r['tokens_per_s']:.0f} tok/s  "
-                  f"peak RSS {r['peak_rss_mb']:.0f} MB  {r['flops_per_s'] / 1e9:.1f} GFLOP/s  "
+            each = lambda key, scale=1: ", ".join(f"{scale * x[key]:.0f}" for x in runs[v])  # noqa: E731
+            print(f"{m:5s} {v:15s} {r['tokens_per_s']:.0f} tok/s (runs {each('tokens_per_s')})  "
+                  f"tokens/step {r['tokens_per_step']:.0f}  peak RSS {r['peak_rss_mb']:.0f} MB  "
+                  f"{100 * r['flops_frac']:.1f}% of the {'bf16' if v in BF16 else 'fp32'} matmul limit "
+                  f"(runs {each('flops_frac', 100)})  "
                   f"load {r['load_avg']:.2f}  loss0 {r['first_loss']:.4f}  ids exact {r['token_ids_exact']}", flush=True)
         if "spinlm_bf16" in by_variant and "trl_defaults" in by_variant:  # best against best
             s, t = by_variant["spinlm_bf16"], by_variant["trl_defaults"]
-            print(f"{m:5s} spinlm_bf16 vs trl_defaults: speed {s['tokens_per_s'] / t['tokens_per_s']:.2f}x, "
-                  f"peak RSS {s['peak_rss_mb'] / t['peak_rss_mb']:.2f}x", flush=True)
+            print(f"{m:5s} spinlm_bf16 vs trl_defaults: {ratios(runs['spinlm_bf16'], runs['trl_defaults'])}",
+                  flush=True)
         if "spinlm" in by_variant:
             s = by_variant["spinlm"]
             for v in [x for x in variants if x not in ("spinlm", "spinlm_bf16", "trl_defaults")]:
-                t = by_variant[v]
-                print(f"{m:5s} spinlm vs {v}: speed {s['tokens_per_s'] / t['tokens_per_s']:.2f}x, "
-                      f"peak RSS {s['peak_rss_mb'] / t['peak_rss_mb']:.2f}x", flush=True)
-    peak = max(peak, matmul_flops())  # load from other processes only lowers the rate: keep the best seen
-    print(f"fp32 matmul rate (best of start and end): {peak / 1e9:.1f} GFLOP/s; achieved fraction of it:")
-    for r in rows:
-        r["flops_frac"] = r["flops_per_s"] / peak
-        print(f"  {r['model']:5s} {r['variant']:15s} {100 * r['flops_frac']:.1f}%")
+                print(f"{m:5s} spinlm vs {v}: {ratios(runs['spinlm'], runs[v])}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(cpu=cpu, cores=os.cpu_count(), matmul_flops=peak, rows=rows), f, indent=1)
+            json.dump(dict(machine=host, rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":

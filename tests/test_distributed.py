@@ -110,7 +110,8 @@ def max_weight_diff(a: dict, b: dict) -> float:
 def test_online_dpo_is_world_size_invariant_and_resumes_onto_another_world_size(tiny_task, tmp_path):
     # actor.eps=1e-3: with Adam's 1e-8, a weight whose gradient is ~0 moves by about lr on fp32 noise alone (the
     # sum over 2 ranks is ordered differently), which is not what this test measures
-    mode = ["algorithm.mode=online_dpo", "rollout.n=4", "actor.eps=1e-3"]
+    # format_score: enough pairs each round whatever the last bits of an update (a 0/1 reward alone can tie most prompts)
+    mode = ["algorithm.mode=online_dpo", "rollout.n=4", "actor.eps=1e-3", "reward.format_score=0.1"]
     whole = cli(tmp_path / "one", *mode, "trainer.rounds=2")
     first = cli(tmp_path / "two", *mode, "trainer.rounds=2", "rollout.batch_size=7", "trainer.cpu_workers=2",
                 env={"SPINLM_KILL_AT": "update:3", "SPINLM_KILL_RANK": "1"})  # rank 1 dies in round 2

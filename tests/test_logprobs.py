@@ -65,6 +65,25 @@ def test_chunked_token_logps_matches_naive(chunk):
     torch.testing.assert_close(gw, gw_ref, atol=1e-5, rtol=0)
 
 
+def test_chunked_token_logps_under_bf16_autocast_matches_naive():
+    # the backward's bf16 branch (probabilities and products in bf16, the weight gradient accumulated in fp32)
+    gen = torch.Generator().manual_seed(2)
+    N, D, V = 40, 16, 300
+    hidden = torch.randn(N, D, generator=gen, requires_grad=True)
+    weight = (0.3 * torch.randn(V, D, generator=gen)).requires_grad_()
+    targets = torch.randint(0, 8, (N,), generator=gen)  # many repeated targets: index_add_ must sum them
+    upstream = torch.randn(N, generator=gen)
+    naive = torch.log_softmax(hidden @ weight.T, dim=-1).gather(1, targets[:, None]).squeeze(1)
+    gh_ref, gw_ref = torch.autograd.grad((naive * upstream).sum(), (hidden, weight))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = chunked_token_logps(hidden, weight, targets, 7)
+    gh, gw = torch.autograd.grad((fast * upstream).sum(), (hidden, weight))
+    assert fast.dtype == torch.float32 and gw.dtype == torch.float32
+    torch.testing.assert_close(fast, naive.detach(), atol=0.05, rtol=0.02)
+    torch.testing.assert_close(gh, gh_ref, atol=0.05, rtol=0.05)
+    torch.testing.assert_close(gw, gw_ref, atol=0.05, rtol=0.05)
+
+
 def test_auto_chunk_size_keeps_one_chunk_of_logits_near_64_mib():
     assert auto_chunk_size(152064) == 110  # 67108864 // (4 * 152064): 64 MiB of fp32 logits, not 0.6 GB at 1024
     assert auto_chunk_size(32000) == 524
@@ -332,3 +351,11 @@ def test_preference_step_gradient_is_full_batch_mean(settings):
         assert m["loss"] == pytest.approx(per_pair.mean().item(), abs=1e-5)
         assert m["train/grad_norm"] == pytest.approx(expected_norm, rel=1e-5)
         assert m["train/sft_nll"] == pytest.approx((-pc / lc).mean().item(), abs=1e-5)
+
+
+def test_chunked_token_logps_with_no_rows_gives_zero_gradients():
+    weight = torch.randn(6, 3, requires_grad=True)
+    hidden = torch.randn(0, 3, requires_grad=True)
+    out = chunked_token_logps(hidden, weight, torch.zeros(0, dtype=torch.long), 4)
+    (g,) = torch.autograd.grad(out.sum() + 0 * weight.sum(), weight, allow_unused=True)
+    assert out.shape == (0,) and torch.equal(g, torch.zeros(6, 3))

@@ -51,8 +51,9 @@ def test_adapter_trains_merges_exactly_and_becomes_the_opponent(tiny_task, tmp_p
 
     lr_before = worker.scheduler.get_last_lr()
     worker.refresh_opponent()  # merge into the base, fresh adapter, fresh optimizer at the same schedule position
-    torch.testing.assert_close(worker.sequence_logps(prompts, chosen), trained, atol=1e-5, rtol=0)
-    torch.testing.assert_close(worker.sequence_logps(prompts, chosen, opponent=True), trained, atol=1e-5, rtol=0)
+    # merged W + BA against W x + B(A x): the same numbers up to fp32 rounding of sums of about 30 nats
+    torch.testing.assert_close(worker.sequence_logps(prompts, chosen), trained, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(worker.sequence_logps(prompts, chosen, opponent=True), trained, atol=1e-5, rtol=1e-6)
     assert worker.scheduler.get_last_lr() == lr_before
     assert [g["lr"] for g in worker.optimizer.param_groups] == lr_before
     assert not worker.optimizer.state  # a fresh adapter starts with no moments
@@ -66,7 +67,8 @@ def test_adapter_trains_merges_exactly_and_becomes_the_opponent(tiny_task, tmp_p
 
 @pytest.mark.parametrize("mode", ["spin", "online_dpo"])
 def test_lora_runs_rounds_end_to_end(tiny_task, tmp_path, mode):
-    extra = ["algorithm.mode=online_dpo", "rollout.n=2"] if mode == "online_dpo" else []
+    # n=4: at the smoke model's ~10% accuracy, 2 samples per prompt can tie on all 32 prompts of a round (no pair)
+    extra = ["algorithm.mode=online_dpo", "rollout.n=4"] if mode == "online_dpo" else []
     table = run(smoke(tmp_path, "trainer.rounds=2", *extra))
     assert [r["round"] for r in table] == [1, 2]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -102,3 +102,26 @@ def check_sampling(worker):
             assert 1 <= len(r) <= 16
             assert e == (r[-1] in worker.eos_ids)
             assert not any(t in worker.eos_ids for t in r[:-1])  # nothing after the first EOS
+
+
+def test_vllm_seeded_sampling_of_a_batch_larger_than_one_scheduler_step(model_dir):
+    # More prompt tokens than vLLM schedules in one step: with chunked prefill, a seeded request whose prompt is
+    # split over steps made vLLM's CPU runner rewind a CPU generator and fail ("CPU Generator does not use offset");
+    # the engine turns chunked prefill off on CPU, so whole prompts are prefilled and the seeds hold.
+    from spinlm.config import load_config
+    from spinlm.rollout.hf_rollout import SamplingParams
+    from spinlm.workers.fsdp_workers import PolicyWorker
+
+    cfg = load_config([f"model.path={model_dir}", "trainer.device=cpu", "rollout.engine=vllm",
+                       "data.max_prompt_length=220", "data.max_response_length=8"])
+    worker = PolicyWorker(cfg, str(model_dir), keep_opponent=False)
+    try:
+        gen = torch.Generator().manual_seed(1)
+        prompts = [torch.randint(5, 64, (200,), generator=gen).tolist() for _ in range(24)]  # 4,800 prompt tokens
+        params = SamplingParams(n=2, max_new_tokens=8)
+        a = worker.generate(prompts, params, seed=5)
+        b = worker.generate(prompts[::-1], params, seed=5, keys=list(range(24))[::-1])
+        assert a.responses == b.responses[::-1]  # a prompt's samples follow its key, not its place in the batch
+        assert all(len(rs) == 2 for rs in a.responses)
+    finally:
+        worker.close()

@@ -74,6 +74,11 @@ class VllmRollout:
                       gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
                       skip_tokenizer_init=True, trust_remote_code=trust_remote_code,
                       enable_sleep_mode=self.sleep_enabled)
+        if device.type == "cpu":
+            # Chunked prefill splits a prompt over scheduler steps, and vLLM then rewinds the request's seeded
+            # generator, which a CPU generator cannot do ("CPU Generator does not use offset"): every batch with
+            # more prompt tokens than one step takes failed. Whole prompts per step instead.
+            kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192))
         if distributed:  # each rank one engine, inside the process group torch.distributed already set up
             kwargs["distributed_executor_backend"] = "external_launcher"
         # In a single process vLLM sets up a one-rank torch.distributed group of its own; close() takes it down.

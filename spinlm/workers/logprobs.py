@@ -67,16 +67,44 @@ def use_packed_attention(model) -> bool:
     return True
 
 
+def _logits_buffer(hidden: torch.Tensor, weight: torch.Tensor, chunk: int) -> torch.Tensor | None:
+    """One [chunk, vocab] fp32 buffer that every chunk's logits are written into, when the matmul runs in fp32 (no
+    autocast): at 64 MiB a chunk, a fresh tensor per chunk costs a fresh mmap and its page faults each time."""
+    kind = hidden.device.type
+    if torch.is_autocast_enabled(kind) or hidden.dtype != torch.float32 or weight.dtype != torch.float32:
+        return None
+    return hidden.new_empty(min(chunk, hidden.shape[0]), weight.shape[0])
+
+
+def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, buffer: torch.Tensor | None) -> torch.Tensor:
+    """fp32 logits of one chunk: into `buffer` when there is one, else a new tensor (the autocast dtype's product)."""
+    if buffer is None:
+        return (h @ weight.T).float()
+    return torch.mm(h, weight.T, out=buffer[: h.shape[0]])
+
+
 class _ChunkedTokenLogps(torch.autograd.Function):
-    """log softmax(hidden @ weight.T)[target] per row, computed `chunk` rows at a time in fp32."""
+    """log softmax(hidden @ weight.T)[target] per row, computed `chunk` rows at a time in fp32.
+
+    Each chunk's logits are worked on in place: the forward keeps the target's logit and the row's logsumexp; the
+    backward recomputes the logits and turns them into probabilities (exp(logits - lse)). With
+    d logp[t] / d logits = onehot(t) - softmax and the incoming per-row gradient c, the row scale goes onto
+    hidden-sized tensors, never vocabulary-sized ones: grad_hidden = c * (W[t] - P @ W) and
+    grad_W = index_add(t, c * h) - P.T @ (c * h), the subtractions inside the matmuls (addmm).
+    """
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk: int):
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        buffer = _logits_buffer(hidden, weight, chunk)
         for s in range(0, hidden.shape[0], chunk):
-            logits = (hidden[s : s + chunk] @ weight.T).float()
-            out[s : s + chunk] = logits.gather(1, targets[s : s + chunk, None]).squeeze(1) - logits.logsumexp(1)
-        ctx.save_for_backward(hidden, weight, targets)
+            logits = _chunk_logits(hidden[s : s + chunk], weight, buffer)
+            target_logit = logits.gather(1, targets[s : s + chunk, None]).squeeze(1)
+            top = logits.amax(1, keepdim=True)
+            lse[s : s + chunk] = logits.sub_(top).exp_().sum(1).log_().add_(top.squeeze(1))  # logsumexp, in place
+            out[s : s + chunk] = target_logit - lse[s : s + chunk]
+        ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.chunk = chunk
         # autograd runs backward outside autocast: remember it, so the backward matmuls use the forward's dtype
         kind = hidden.device.type
@@ -85,30 +113,37 @@ class _ChunkedTokenLogps(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, weight, targets = ctx.saved_tensors
-        chunk = ctx.chunk
         if ctx.autocast is not None:
             with torch.autocast(device_type=ctx.autocast[0], dtype=ctx.autocast[1]):
-                return _ChunkedTokenLogps._backward(ctx, grad_out, hidden, weight, targets, chunk)
-        return _ChunkedTokenLogps._backward(ctx, grad_out, hidden, weight, targets, chunk)
+                return _ChunkedTokenLogps._backward(ctx, grad_out)
+        return _ChunkedTokenLogps._backward(ctx, grad_out)
 
     @staticmethod
-    def _backward(ctx, grad_out, hidden, weight, targets, chunk):
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+    def _backward(ctx, grad_out):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        chunk = ctx.chunk
+        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        # no rows (no chunk writes it): zeros
+        alloc = torch.empty if hidden.shape[0] else torch.zeros
+        grad_weight = alloc(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
+        buffer = _logits_buffer(hidden, weight, chunk)
         for s in range(0, hidden.shape[0], chunk):
-            h = hidden[s : s + chunk]
-            logits = (h @ weight.T).float()
-            # d logp[target] / d logits = onehot(target) - softmax(logits), scaled by the incoming gradient
-            g = -torch.softmax(logits, dim=1)
-            g.scatter_add_(1, targets[s : s + chunk, None], torch.ones_like(g[:, :1]))
-            g.mul_(grad_out[s : s + chunk, None])
-            g = g.to(hidden.dtype)
-            if grad_hidden is not None:
-                grad_hidden[s : s + chunk] = g @ weight
-            if grad_weight is not None:
-                grad_weight += (g.T @ h).float()
+            h, t, c = hidden[s : s + chunk], targets[s : s + chunk], grad_out[s : s + chunk, None]
+            probs = _chunk_logits(h, weight, buffer).sub_(lse[s : s + chunk, None]).exp_().to(hidden.dtype)
+            if want_hidden:
+                grad_hidden[s : s + chunk] = torch.addmm(weight[t], probs, weight, alpha=-1).mul_(c.to(hidden.dtype))
+            if want_weight:
+                ch = h * c.to(h.dtype)
+                first = s == 0  # beta 0: the first chunk's product overwrites the uninitialised buffer
+                if probs.dtype == grad_weight.dtype:
+                    grad_weight.addmm_(probs.T, ch, beta=0 if first else 1, alpha=-1)
+                elif first:  # autocast: the product in the compute dtype, accumulated in fp32
+                    torch.neg(probs.T @ ch, out=grad_weight)
+                else:
+                    grad_weight -= (probs.T @ ch).float()
         if grad_weight is not None:
+            grad_weight.index_add_(0, targets, (hidden * grad_out[:, None].to(hidden.dtype)).float())
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None
 
