@@ -5,7 +5,8 @@ Every side loads the same weights from the same folder and gets the same prompts
 the same sampling (temperature 1, top-k and top-p off), the same EOS set, and returns n samples per prompt.
 Throughput is new tokens per second, counting only real tokens (each sample cut after its first EOS). Each side runs
 in its own process (vLLM pins threads and spawns helpers; the vllm side runs under the interpreter of the opt-in
-environment that scripts/setup_vllm_env.sh builds): one warm-up run, then --runs measured runs; medians reported.
+environment that scripts/setup_vllm_env.sh builds): one warm-up run, then --runs measured runs. Each side's process
+runs --rounds times, the sides' order alternating round by round; medians over all measured runs are reported.
 Start-up (model load; for vLLM also its engine and KV-cache set-up) is timed apart and not in tokens/s.
 
 Models: `tiny` (the bundled task's shape, 0.9M parameters) and `37m` (32k vocabulary, 8 layers of width 512) with
@@ -14,8 +15,9 @@ random weights: to make response lengths vary as they do in self-play, EOS is a 
 distribution is close to uniform). `smollm2`: SmolLM2-135M-Instruct (converted into .cache/smollm2 by
 benchmarks/smollm2_study.py) on the bundled task's questions under its chat template, its own EOS.
 
-    .venv/bin/python benchmarks/bench_rollout.py [--models tiny 37m smollm2] [--sides plain hf vllm] [--runs 5]
-        [--n 4] [--max-new-tokens 64] [--vllm-python /work/vllm-venv/bin/python] [--json out.json]
+    .venv/bin/python benchmarks/bench_rollout.py [--models tiny 37m smollm2] [--sides plain hf vllm] [--runs 3]
+        [--rounds 2] [--prompts 64] [--n 4] [--max-new-tokens 64] [--vllm-python /work/vllm-venv/bin/python]
+        [--json out.json]
 """
 from __future__ import annotations
 
@@ -168,23 +170,31 @@ def bench(model: str, args) -> list[dict]:
         prompt_lens = [len(p) for p in work["prompts"]]
         print(f"\n## {model}: {len(work['prompts'])} prompts of {min(prompt_lens)}-{max(prompt_lens)} tokens, "
               f"n={args.n}, max_new_tokens={args.max_new_tokens}, {len(work['eos'])} EOS ids", flush=True)
+        # --rounds rounds, each side's process once per round, the order alternating: a slower minute of the shared
+        # host falls on every side alike
+        raw: dict[str, list[dict]] = {side: [] for side in args.sides}
+        for rnd in range(args.rounds):
+            for side in args.sides if rnd % 2 == 0 else args.sides[::-1]:
+                raw[side].append(run_side(args.vllm_python if side == "vllm" else sys.executable, side, path,
+                                          work_file, args))
         results = []
         for side in args.sides:
-            r = run_side(args.vllm_python if side == "vllm" else sys.executable, side, path, work_file, args)
-            rates = [x["tokens"] / x["wall"] for x in r["runs"]]
-            cpu_rates = [x["tokens"] / x["cpu"] for x in r["runs"]]
-            lengths = [n for x in r["runs"] for n in x["lengths"]]
-            row = dict(model=model, side=side, startup_s=r["startup_s"], tokens_per_s=statistics.median(rates),
-                       runs_tokens_per_s=rates, tokens_per_cpu_s=statistics.median(cpu_rates),
-                       mean_length=statistics.mean(lengths),
+            runs = [x for r in raw[side] for x in r["runs"]]
+            first = raw[side][0]
+            rates = [x["tokens"] / x["wall"] for x in runs]
+            cpu_rates = [x["tokens"] / x["cpu"] for x in runs]
+            lengths = [n for x in runs for n in x["lengths"]]
+            row = dict(model=model, side=side, startup_s=statistics.median(r["startup_s"] for r in raw[side]),
+                       tokens_per_s=statistics.median(rates), runs_tokens_per_s=rates,
+                       tokens_per_cpu_s=statistics.median(cpu_rates), mean_length=statistics.mean(lengths),
                        hit_max=sum(n == args.max_new_tokens for n in lengths) / len(lengths),
-                       load=max(x["load"] for x in r["runs"]), threads=r["threads"], torch=r["torch"],
-                       transformers=r["transformers"])
+                       load=max(x["load"] for x in runs), threads=first["threads"], torch=first["torch"],
+                       transformers=first["transformers"])
             results.append(row)
             print(f"  {SIDES[side]:19s} median {row['tokens_per_s']:7.0f} new tok/s (runs: "
                   f"{', '.join(f'{x:.0f}' for x in rates)}), {row['tokens_per_cpu_s']:6.0f} per CPU-second; start-up "
                   f"{row['startup_s']:5.1f} s; mean length {row['mean_length']:.1f}, {row['hit_max']:.0%} hit the "
-                  f"limit; {r['threads']} threads, torch {r['torch']}, transformers {r['transformers']}; "
+                  f"limit; {first['threads']} threads, torch {first['torch']}, transformers {first['transformers']}; "
                   f"load {row['load']:.1f}", flush=True)
     by_side = {r["side"]: r for r in results}
     for a, b in (("hf", "plain"), ("hf", "vllm"), ("vllm", "plain")):
@@ -206,7 +216,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", choices=[*SHAPES, "smollm2"], default=["tiny", "37m", "smollm2"])
     p.add_argument("--sides", nargs="+", choices=list(SIDES), default=list(SIDES))
-    p.add_argument("--runs", type=int, default=5, help="measured runs per side, after one warm-up")
+    p.add_argument("--runs", type=int, default=3, help="measured runs per side process, after one warm-up")
+    p.add_argument("--rounds", type=int, default=2, help="processes per side, alternated; medians over all runs")
     p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--n", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -221,8 +232,8 @@ def main() -> None:
     if args.child:
         child(*args.child, n=args.n, max_new_tokens=args.max_new_tokens, runs=args.runs)
         return
-    if args.runs < 1:
-        p.error(f"--runs {args.runs}: expected >= 1")
+    if args.runs < 1 or args.rounds < 1:
+        p.error(f"--runs {args.runs} --rounds {args.rounds}: expected >= 1 each")
     if not 0 <= args.stop_prob < 1:
         p.error(f"--stop-prob {args.stop_prob}: expected 0 <= p < 1")
     if "vllm" in args.sides and not os.path.exists(args.vllm_python):

@@ -55,7 +55,9 @@ MODELS = {
 # spinlm_block_mask: spinlm with the block-causal mask over each packed row (its attention before PACKED_SDPA)
 # spinlm_bf16 / trl_defaults: best against best (spinlm's model.dtype=bfloat16 autocast; TRL's DPOConfig defaults on
 # CPU: bf16 autocast and gradient checkpointing); the others are fp32 without checkpointing, like for like
-VARIANTS = ["spinlm", "spinlm_block_mask", "trl", "trl_precompute", "spinlm_bf16", "trl_defaults"]
+# spinlm_glibc_default: spinlm without the trainer's glibc setting for updates (spinlm/allocator.py), to show its cost
+VARIANTS = ["spinlm", "spinlm_block_mask", "trl", "trl_precompute", "spinlm_bf16", "trl_defaults",
+            "spinlm_glibc_default"]
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -152,7 +154,10 @@ def trainer_optimizer(model) -> torch.optim.Optimizer:
     return build_optimizer(model.parameters(), load_config(["actor.lr=1e-5"]).actor)
 
 
-def run_spinlm(spec: dict, block_mask: bool = False, bf16: bool = False) -> dict:
+def run_spinlm(spec: dict, block_mask: bool = False, bf16: bool = False, allocator: bool = True) -> dict:
+    """spinlm's step as PolicyWorker.update runs it on CPU: preference_step inside large_blocks_returned() (glibc
+    returns freed activations to the OS during the update; `allocator=False` leaves glibc's defaults)."""
+    from spinlm.allocator import large_blocks_returned
     from spinlm.modeling import autocast_context
     from spinlm.pairs import Pairs
     from spinlm.workers.dp_actor import DataParallelActor, LossSettings
@@ -177,7 +182,8 @@ def run_spinlm(spec: dict, block_mask: bool = False, bf16: bool = False) -> dict
         idx = list(range(s * b, (s + 1) * b))
         pairs = Pairs([prompts[i] for i in idx], [chosen[i] for i in idx], [rejected[i] for i in idx])
         t = time.perf_counter()
-        m = actor.preference_step(pairs, ref_c[idx], ref_r[idx], LossSettings(beta=0.1), opt, grad_clip=1.0)
+        with large_blocks_returned() if allocator else contextlib.nullcontext():
+            m = actor.preference_step(pairs, ref_c[idx], ref_r[idx], LossSettings(beta=0.1), opt, grad_clip=1.0)
         times.append(time.perf_counter() - t)
         tokens.append(m["train/tokens"])
         losses.append(m["loss"])
@@ -254,7 +260,8 @@ def run_trl(spec: dict, precompute: bool, defaults: bool = False) -> dict:
 
 
 def child(spec: dict, model_name: str, variant: str) -> None:
-    out = (run_spinlm(spec, block_mask=variant == "spinlm_block_mask", bf16=variant == "spinlm_bf16")
+    out = (run_spinlm(spec, block_mask=variant == "spinlm_block_mask", bf16=variant == "spinlm_bf16",
+                      allocator=variant != "spinlm_glibc_default")
            if variant.startswith("spinlm")
            else run_trl(spec, precompute=variant == "trl_precompute", defaults=variant == "trl_defaults"))
     out.update(model=model_name, spec=spec, variant=variant, load_avg=os.getloadavg()[0],

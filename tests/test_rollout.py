@@ -174,6 +174,37 @@ def test_mix64_is_splitmix64():
     assert reference(0x9E3779B97F4A7C15) == 0xE220A8397B1DCDAF  # splitmix64's first output for seed 0
 
 
+def test_block_size_is_the_divisor_nearest_the_square_root():
+    from spinlm.rollout.hf_rollout import block_size
+
+    assert [block_size(v) for v in (49152, 32000, 128, 50257, 7, 1)] == [192, 160, 8, 29, 1, 1]
+
+
+@pytest.mark.parametrize("vocab", [120, 97])  # 120: blocks of 10 (two levels); 97 is prime: one level of 97
+def test_sample_from_is_the_exact_inverse_cdf_and_never_draws_a_zero(vocab):
+    from spinlm.rollout.hf_rollout import sample_from
+
+    g = torch.Generator().manual_seed(3)
+    probs = torch.softmax(3 * torch.randn(64, vocab, generator=g), -1)
+    probs[:, 10:30] = 0          # two whole zero blocks at 120
+    probs[:, -vocab // 4:] = 0   # the last blocks are zero: a target at the total must not land there
+    probs[::3, 0] = 0
+    u = torch.rand(64, generator=g, dtype=torch.float64)
+    u[:4] = torch.tensor([0.0, 1 - 2**-53, 0.5, 1e-300], dtype=torch.float64)
+    drawn = sample_from(probs, u)
+    assert bool((probs[torch.arange(64), drawn] > 0).all())
+    # the exact rule, on a float64 cumulative sum of the whole row: cdf[i - 1] <= u * total < cdf[i]
+    cdf = probs.double().cumsum(-1)
+    target = u * cdf[:, -1]
+    upper = cdf[torch.arange(64), drawn]
+    lower = torch.where(drawn > 0, cdf[torch.arange(64), (drawn - 1).clamp(min=0)], 0.0)
+    tol = 1e-6 * cdf[:, -1]   # fp32 block sums against a float64 sum of the same numbers
+    assert bool((lower <= target + tol).all()) and bool(((target < upper + tol) | (u > 1 - 1e-12)).all())
+    assert int(drawn[1]) == int(probs[1].nonzero().max())  # u just below 1: the last token of probability > 0
+    # a row's draw does not depend on the other rows
+    assert torch.equal(torch.stack([sample_from(probs[i : i + 1], u[i : i + 1])[0] for i in range(64)]), drawn)
+
+
 def test_top_k_1_samples_equal_greedy(model, prompts):
     expected = [r[0] for r in greedy(model, prompts, 10, {3, 5, 7}).responses]
     out = sample(model, prompts, seed=5, top_k=1, temperature=0.7, top_p=0.9)
@@ -303,3 +334,24 @@ def test_rollout_cache_preallocates_full_attention_layers_only():
     assert [type(x) for x in preallocated_cache(_build("llama").config, 16).layers] == [PreallocatedLayer] * 2
     qwen = [type(x) for x in preallocated_cache(_build("qwen2").config, 16).layers]
     assert qwen[0] is PreallocatedLayer and issubclass(qwen[1], DynamicLayer) and qwen[1] is not PreallocatedLayer
+
+
+def test_packed_linears_compute_the_same_linear_and_are_undone(llama, prompts):
+    from spinlm.rollout.hf_rollout import _onednn_linear_available, packed_linears
+
+    if not _onednn_linear_available():
+        pytest.skip("this torch build has no oneDNN linear")
+    linears = [m for m in llama.modules() if type(m) is torch.nn.Linear]
+    x = torch.randn(5, 3, llama.config.hidden_size)
+    with torch.no_grad():
+        plain = [torch.nn.functional.linear(x, m.weight, m.bias) for m in linears[:1]]
+        with packed_linears(llama):
+            assert all("forward" in vars(m) for m in linears)   # every linear layer runs the packed kernel
+            packed = [m(x) for m in linears[:1]]
+            logits_packed = llama(input_ids=torch.tensor([prompts[3]])).logits
+        assert not any("forward" in vars(m) for m in linears)   # the class's forward again
+        logits = llama(input_ids=torch.tensor([prompts[3]])).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16), packed_linears(llama):
+            assert not any("forward" in vars(m) for m in linears)  # autocast: left alone
+    torch.testing.assert_close(packed[0], plain[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits_packed, logits, atol=1e-4, rtol=1e-5)

@@ -18,7 +18,10 @@ whatever the world size or ``batch_size``, and however many rows have already fi
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
+import math
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +34,52 @@ from transformers.generation.logits_process import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+
+
+@functools.cache
+def _onednn_linear_available() -> bool:
+    """Whether this torch has oneDNN's prepacked CPU linear (x86 builds with mkldnn)."""
+    try:
+        w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(2, 2), 1)
+        return bool(torch.ops.mkldnn._linear_pointwise(torch.ones(1, 2), w, None, "none", [], "").sum() == 4)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+@contextlib.contextmanager
+def packed_linears(model):
+    """For the duration of a rollout on CPU, every plain fp32 / bf16 nn.Linear of ``model`` runs oneDNN's linear on
+    a copy of its weight packed once for oneDNN's kernel (the layout vLLM's CPU backend also uses). A decode step
+    multiplies a few hundred rows by each weight, where the unpacked GEMM runs far below the machine's matmul rate:
+    measured on SmolLM2-135M's shapes at 128 rows, 1.1-1.7x faster per layer (the 49k-row lm-head most); each row's
+    result is also the same bit for bit whatever the number of rows, which the unpacked GEMM does not promise for
+    small row counts. The copies live only while the rollout runs (one more copy of the linear weights); under
+    autocast, on other devices, for sharded (DTensor) or quantised weights nothing changes."""
+    kind = next(model.parameters()).device.type
+    if kind != "cpu" or torch.is_autocast_enabled("cpu") or not _onednn_linear_available():
+        yield
+        return
+    patched = []
+    try:
+        for module in model.modules():
+            w = getattr(module, "weight", None)
+            if type(module) is not torch.nn.Linear or type(w) is not torch.nn.Parameter \
+                    or w.dtype not in (torch.float32, torch.bfloat16):
+                continue
+            packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 128)
+            bias = None if module.bias is None else module.bias.detach()
+            module.forward = _packed_forward(packed, bias)  # an instance attribute, over the class's forward
+            patched.append(module)
+        yield
+    finally:
+        for module in patched:
+            del module.forward
+
+
+def _packed_forward(packed: torch.Tensor, bias: torch.Tensor | None):
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return forward
 
 
 # Finished rows are dropped from the batch (and its KV cache) once they are this fraction of it. Dropping copies the
@@ -122,12 +171,43 @@ def stream_uniforms(streams: torch.Tensor, position: int) -> torch.Tensor:
     return _shift_right(h, 11).to(torch.float64) * 2.0**-53
 
 
+@functools.cache
+def block_size(vocab: int) -> int:
+    """The divisor of ``vocab`` closest to its square root: the block width of the two-level inverse CDF (1 for a
+    prime vocabulary, where the draw is one cumulative sum over all of it)."""
+    low = max(d for d in range(1, math.isqrt(vocab) + 1) if vocab % d == 0)
+    high = vocab // low
+    return low if math.sqrt(vocab) - low < high - math.sqrt(vocab) else high
+
+
+def _first_above(cdf: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Per row, the first index whose cumulative weight exceeds target: it always has a weight > 0 (its cumulative
+    sum is above its predecessor's). A target at or past the total (rounding) takes the last index of weight > 0."""
+    i = torch.searchsorted(cdf, target, right=True).squeeze(1)
+    past = i >= cdf.shape[1]
+    if bool(past.any()):
+        last = cdf.shape[1] - 1 - (weights.flip(-1) > 0).to(torch.int8).argmax(-1)
+        i = torch.where(past, last, i)
+    return i
+
+
 def sample_from(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF draw, one per row: the first token whose cumulative probability exceeds u * total. A token of
-    probability 0 (cut by top-k / top-p) is never drawn: its cumulative sum equals its predecessor's."""
-    cdf = probs.to(torch.float64).cumsum(dim=-1)
+    """Inverse-CDF draw, one per row: the first token whose cumulative probability exceeds u * total, found in two
+    levels (blocks of about sqrt(vocab) tokens: their sums, then the tokens of the one block), so no cumulative sum
+    over the whole vocabulary is taken (on a 49k vocabulary 0.4 ms instead of 40 for 128 rows). Block sums in fp32,
+    cumulative sums in float64. A token of probability 0 (cut by top-k / top-p) is never drawn. Every step is per
+    row, so a row's draw does not depend on the other rows."""
+    rows, vocab = probs.shape
+    width = block_size(vocab)
+    blocks = probs.reshape(rows, vocab // width, width)
+    sums = blocks.sum(-1)
+    cdf = sums.to(torch.float64).cumsum(-1)
     target = uniforms[:, None] * cdf[:, -1:]
-    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
+    b = _first_above(cdf, target, sums)
+    prev = torch.where(b[:, None] > 0, cdf.gather(1, (b[:, None] - 1).clamp(min=0)), 0.0)
+    inside = blocks[torch.arange(rows, device=probs.device), b]
+    j = _first_above(inside.to(torch.float64).cumsum(-1), target - prev, inside)
+    return b * width + j
 
 
 @torch.no_grad()
@@ -160,15 +240,16 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, *, pad_id:
     # one tick per finished sequence (prompt x sample), as it ends: a long batch moves the bar while it runs
     bar = tqdm(total=len(prompts) * n, desc=desc, unit="seq", disable=not progress, leave=False)
     try:
-        for s in range(0, len(order), batch_size):
-            idx = order[s : s + batch_size]
-            streams = sample_streams(seed, torch.tensor([keys[i] for i in idx], dtype=torch.int64), n).to(device)
-            rows, lengths = _generate_batch(model, [prompts[i] for i in idx], n, params.max_new_tokens, warpers,
-                                            params.greedy, pad_id, eos, streams, device, bar.update)
-            for j, i in enumerate(idx):
-                cut = range(j * n, (j + 1) * n)
-                responses[i] = [rows[r][: lengths[r]] for r in cut]
-                ended[i] = [rows[r][lengths[r] - 1] in eos_ids for r in cut]   # every length is >= 1
+        with packed_linears(model):
+            for s in range(0, len(order), batch_size):
+                idx = order[s : s + batch_size]
+                streams = sample_streams(seed, torch.tensor([keys[i] for i in idx], dtype=torch.int64), n).to(device)
+                rows, lengths = _generate_batch(model, [prompts[i] for i in idx], n, params.max_new_tokens, warpers,
+                                                params.greedy, pad_id, eos, streams, device, bar.update)
+                for j, i in enumerate(idx):
+                    cut = range(j * n, (j + 1) * n)
+                    responses[i] = [rows[r][: lengths[r]] for r in cut]
+                    ended[i] = [rows[r][lengths[r] - 1] in eos_ids for r in cut]   # every length is >= 1
     finally:
         bar.close()
         model.train(was_training)
