@@ -33,6 +33,7 @@ import time
 
 # As the spinlm command does (spinlm/cli.py): spinning OpenMP threads stall badly when other jobs share the cores.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the spinlm command sets it (spinlm/cli.py), for every side
 
 import torch  # noqa: E402  (after OMP_WAIT_POLICY)
 

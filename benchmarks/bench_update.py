@@ -32,6 +32,7 @@ import time
 
 # two spinning OpenMP threads on shared cores make step times swing by 10x and more (see "## Rollout")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the spinlm command sets it (spinlm/cli.py), for every side
 
 import torch  # noqa: E402  (after OMP_WAIT_POLICY)
 
