@@ -6,6 +6,8 @@ once, its KV cache is repeated n times along the batch, and rows that have emitt
 cache) once they are an eighth of it, so later steps run on fewer rows. The cache of each full-attention layer is
 allocated once for the whole batch (prompt width + max_new_tokens) and written in place: transformers' DynamicCache
 concatenates at every step, copying the whole cache each time (13% of a SmolLM2-135M rollout's time, measured).
+On CPU the linear layers run on oneDNN-packed copies of their weights while the rollout runs (packed_linears), and
+the draw needs no cumulative sum over the whole vocabulary (sample_from): together 1.3-1.5x on SmolLM2-135M.
 
 Everything else matches transformers' sampling: left padding with position ids from the attention mask,
 temperature, then top-k, then top-p (transformers' own logits warpers), then a draw from the resulting distribution,
