@@ -27,6 +27,10 @@ if [ "${1:-}" = "--download-wheels" ]; then
   "$PY" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: --python-version 3.12 \
     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
     -d "$dest" omegaconf==2.3.1 PyYAML trl==1.16.0 datasets==5.2.0 dill multiprocess xxhash fsspec pandas psutil
+  # datasets 5.2 needs pyarrow >= 24: for a machine with an older pyarrow, pip falls back to these (pip resolves
+  # over the folder, so two versions of a package there are fine)
+  "$PY" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: -d "$dest" \
+    datasets==4.8.0 fsspec==2026.2.0
   # antlr4's runtime (omegaconf's parser) is published as a source package only: build its pure-Python wheel
   "$PY" -m pip wheel --quiet --disable-pip-version-check --no-deps -w "$dest" antlr4-python3-runtime==4.9.3
   du -sh "$dest"

@@ -34,8 +34,17 @@ def test_gpu_check_tiny_runs_end_to_end_without_ray_hydra_or_vllm():
     assert spin["master_dtypes"] == ["torch.float32"]  # bf16 compute, fp32 master weights
     assert abs(spin["losses"][0] - 0.6931) < 1e-3  # log 2: policy = opponent at the first step
     assert spin["losses"][-1] < spin["losses"][0]  # the updates move the policy
-    assert result["opponent_offload"]["opponent_max_abs_diff"] == 0.0
-    assert "update:" in out.stdout and "rollout (hf engine)" in out.stdout
+    offload = result["opponent_offload"]
+    assert offload["resident"]["opponent_max_abs_diff"] == 0.0 == offload["offload"]["opponent_max_abs_diff"]
+    assert abs(offload["resident"]["first_loss"] - 0.6931) < 1e-3  # reference from the opponent = the policy
+    precision = result["precision"]
+    assert 0 < precision["max_rel_diff"] < 1e-2 and precision["margin_sign_agreement"] > 0.9
+    # FSDP2 on a one-rank gloo group: every decoder layer and the root sharded, the same losses as one process
+    fsdp = result["fsdp2"]
+    assert fsdp["backend"] == "gloo" and fsdp["fsdp_modules"] == 3  # TINY has 2 decoder layers
+    assert fsdp["max_loss_diff_vs_single"] < 1e-2 and fsdp["rollout_tokens"] > 0
+    assert fsdp["opponent"]["resident"]["opponent_max_abs_diff"] == 0.0
+    assert "update (whole batch):" in out.stdout and "rollout (hf engine)" in out.stdout and "FSDP2 (gloo" in out.stdout
 
 
 def test_gpu_check_sh_tiny_runs_as_the_readme_shows_it():

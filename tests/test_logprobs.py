@@ -65,8 +65,11 @@ def test_chunked_token_logps_matches_naive(chunk):
     torch.testing.assert_close(gw, gw_ref, atol=1e-5, rtol=0)
 
 
-def test_chunked_token_logps_under_bf16_autocast_matches_naive():
-    # the backward's bf16 branch (probabilities and products in bf16, the weight gradient accumulated in fp32)
+@pytest.mark.parametrize("how", ["autocast", "bf16_tensors"])
+def test_chunked_token_logps_in_bf16_matches_naive(how):
+    """The backward's bf16 branch (probabilities and products in bf16, the weight gradient accumulated in fp32), for
+    both ways bf16 arrives: autocast over fp32 weights (one process), and bf16 tensors with no autocast (FSDP2's
+    MixedPrecisionPolicy casts the parameters; this once failed with 'Found dtype Float but expected BFloat16')."""
     gen = torch.Generator().manual_seed(2)
     N, D, V = 40, 16, 300
     hidden = torch.randn(N, D, generator=gen, requires_grad=True)
@@ -75,10 +78,16 @@ def test_chunked_token_logps_under_bf16_autocast_matches_naive():
     upstream = torch.randn(N, generator=gen)
     naive = torch.log_softmax(hidden @ weight.T, dim=-1).gather(1, targets[:, None]).squeeze(1)
     gh_ref, gw_ref = torch.autograd.grad((naive * upstream).sum(), (hidden, weight))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        fast = chunked_token_logps(hidden, weight, targets, 7)
-    gh, gw = torch.autograd.grad((fast * upstream).sum(), (hidden, weight))
-    assert fast.dtype == torch.float32 and gw.dtype == torch.float32
+    if how == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast = chunked_token_logps(hidden, weight, targets, 7)
+        gh, gw = torch.autograd.grad((fast * upstream).sum(), (hidden, weight))
+        assert gw.dtype == torch.float32
+    else:
+        h16, w16 = (x.detach().bfloat16().requires_grad_() for x in (hidden, weight))
+        fast = chunked_token_logps(h16, w16, targets, 7)
+        gh, gw = (g.float() for g in torch.autograd.grad((fast * upstream).sum(), (h16, w16)))
+    assert fast.dtype == torch.float32
     torch.testing.assert_close(fast, naive.detach(), atol=0.05, rtol=0.02)
     torch.testing.assert_close(gh, gh_ref, atol=0.05, rtol=0.05)
     torch.testing.assert_close(gw, gw_ref, atol=0.05, rtol=0.05)

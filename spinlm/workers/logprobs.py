@@ -138,8 +138,8 @@ class _ChunkedTokenLogps(torch.autograd.Function):
                 first = s == 0  # beta 0: the first chunk's product overwrites the uninitialised buffer
                 if probs.dtype == grad_weight.dtype:
                     grad_weight.addmm_(probs.T, ch, beta=0 if first else 1, alpha=-1)
-                elif first:  # autocast: the product in the compute dtype, accumulated in fp32
-                    torch.neg(probs.T @ ch, out=grad_weight)
+                elif first:  # bf16/fp16 compute (autocast, or FSDP2's cast parameters): accumulated in fp32
+                    grad_weight.copy_(probs.T @ ch).neg_()
                 else:
                     grad_weight -= (probs.T @ ch).float()
         if grad_weight is not None:
