@@ -122,6 +122,37 @@ def time_updates(worker, pairs, ref_c, ref_r, run: dict, device: torch.device, f
                 update_peak_memory_gb=peak / 2**30 if peak is not None else None, losses=losses)
 
 
+def profile_worker(worker, pairs, ref_c, ref_r, run: dict, device: torch.device, out: Path) -> None:
+    """torch.profiler over one update step and a short rollout: the top operators by device time (CPU time on a
+    CPU) and by CPU time, written to out/profile_{update,rollout}.txt and printed."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from spinlm.rollout.hf_rollout import SamplingParams
+    from spinlm.workers.dp_actor import LossSettings
+
+    out.mkdir(parents=True, exist_ok=True)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    first = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    b = run["batch"]
+    idx = list(range(b))
+    jobs = {"update": lambda: worker.update(pairs.select(idx), LossSettings(beta=0.1), b, ref=(ref_c[idx], ref_r[idx])),
+            "rollout": lambda: worker.generate(pairs.prompts[:16], SamplingParams(max_new_tokens=16, temperature=1.0),
+                                               seed=2)}
+    for name, job in jobs.items():
+        synchronize(device)
+        t = time.perf_counter()
+        with profile(activities=activities) as prof:
+            job()
+            synchronize(device)
+        wall = time.perf_counter() - t
+        table = "\n".join(f"--- sorted by {key} ---\n" + prof.key_averages().table(sort_by=key, row_limit=22,
+                                                                                   max_name_column_width=60)
+                          for key in dict.fromkeys([first, "cpu_time_total"]))
+        (out / f"profile_{name}.txt").write_text(f"{name}: {wall:.3f}s wall under the profiler\n{table}")
+        print(f"profile {name}: {wall:.3f}s wall; top by {first}:", flush=True)
+        print(prof.key_averages().table(sort_by=first, row_limit=12, max_name_column_width=50), flush=True)
+
+
 def worker_config(model_dir: Path, tok_dir: Path, device: torch.device, dtype: str, run: dict, *overrides: str):
     from spinlm.config import load_config
 
@@ -174,6 +205,8 @@ def run_spinlm(model_dir: Path, tok_dir: Path, run: dict, args, device: torch.de
     # the same steps with the whole batch in one micro-batch (what a GPU has room for), continuing the schedule
     worker.actor.micro_batch_size = run["batch"]
     whole = time_updates(worker, pairs, ref_c, ref_r, run, device, first=run["steps"] + 1)
+    if args.profile:
+        profile_worker(worker, pairs, ref_c, ref_r, run, device, Path(args.profile))
     master = {str(p.dtype) for p in worker.policy.parameters()}
     pairs_out = (pairs, ref_c, ref_r)
     result = dict(load_s=load_s, rollout_tokens=rollout_tokens, rollout_s=rollout_s,
@@ -258,7 +291,8 @@ def check_fsdp2(model_dir: Path, tok_dir: Path, device: torch.device, dtype: str
     from spinlm.workers.fsdp_workers import PolicyWorker
 
     backend = "nccl" if device.type == "cuda" else "gloo"
-    extra = {"device_id": device} if device.type == "cuda" else {}
+    # NCCL wants the device with its index; gloo none
+    extra = {"device_id": torch.device("cuda", torch.cuda.current_device())} if device.type == "cuda" else {}
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1, **extra)
     try:
         release(device)
@@ -390,6 +424,7 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--no-trl", action="store_true", help="skip the TRL comparison")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--profile", metavar="DIR", help="profile one update step and a short rollout into DIR")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
