@@ -171,7 +171,7 @@ def run_spinlm(spec: dict, block_mask: bool = False, bf16: bool = False, allocat
         model.set_attn_implementation("sdpa")
     autocast = (lambda: autocast_context("bfloat16", torch.device("cpu"))) if bf16 else contextlib.nullcontext
     actor = DataParallelActor(wrapper, micro_batch_size=spec["batch"], max_tokens_per_micro_batch=None,
-                              autocast=autocast)
+                              forward_context=autocast)
     t0 = time.perf_counter()
     ref_c = actor.sequence_logps(prompts, chosen)
     ref_r = actor.sequence_logps(prompts, rejected)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -129,6 +129,26 @@ def autocast_context(dtype: str, device: torch.device):
     if dtype not in MIXED_PRECISION:
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
+
+
+def sdpa_backends(device: torch.device):
+    """On CUDA, scaled_dot_product_attention without its cuDNN backend. torch tries cuDNN first on Hopper, and cuDNN
+    builds a graph for every new shape: a decode step's key length changes every step, and each call cost 3 ms of
+    CPU on an H200 (60% of a rollout's wall time, for microseconds of GPU work; benchmarks/gpu_check.py --profile).
+    Flash, memory-efficient and math attention stay available. Elsewhere: nothing changes."""
+    if device.type != "cuda":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+@contextmanager
+def forward_context(dtype: str, device: torch.device, *, autocast: bool = True):
+    """What every forward of the worker runs under: autocast (single-process mixed precision; `autocast=False`
+    when FSDP2 casts instead) and the attention backends for the device."""
+    with (autocast_context(dtype, device) if autocast else nullcontext()), sdpa_backends(device):
+        yield
 
 
 def eos_ids_of(tokenizer, model=None) -> set[int]:

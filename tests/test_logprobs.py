@@ -223,6 +223,18 @@ def test_packed_attention_leaves_generation_unchanged():
     assert torch.equal(model.generate(ids, **kwargs), before)
 
 
+def test_masked_attention_path_the_gpu_takes_equals_padded():
+    """packed_attention=False (the worker's choice on a GPU): the model keeps sdpa and one block-masked call per
+    layer gives the padded baseline's log-probs."""
+    model = tiny_model("llama")
+    wrapper = ResponseLogProbs(model, packed_attention=False)
+    assert wrapper.model.config._attn_implementation == "sdpa"
+    prompts, responses = _mixed_lengths()
+    masked, _ = wrapper(pack_sequences(prompts, responses, "cpu"))
+    padded = padded_response_logps(model, prompts, responses, pad_id=0, device="cpu")
+    torch.testing.assert_close(masked, padded.double(), atol=1e-5, rtol=0)
+
+
 def test_packed_equals_padded_eager_attention():
     """eager attention adds a 4D mask to the scores, so the packed path must pass it as 0 / -inf."""
     model = tiny_model("llama", attn_implementation="eager")

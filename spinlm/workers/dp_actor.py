@@ -74,9 +74,10 @@ class DataParallelActor:
     """
 
     def __init__(self, module, *, micro_batch_size: int, max_tokens_per_micro_batch: int | None, block_mask: bool = True,
-                 autocast=nullcontext):
+                 forward_context=nullcontext):
         self.module = module
-        self.autocast = autocast  # a context factory entered around each forward (mixed precision); backward runs outside
+        # a context factory entered around each forward (mixed precision, attention backends); backward runs outside
+        self.forward_context = forward_context
         self.micro_batch_size = micro_batch_size
         self.max_tokens = max_tokens_per_micro_batch
         self.block_mask = block_mask
@@ -87,7 +88,7 @@ class DataParallelActor:
 
     def _logps(self, module, prompts, responses):
         batch = pack_sequences(prompts, responses, self.device, block_mask=self.block_mask)
-        with self.autocast():
+        with self.forward_context():
             return module(batch)
 
     @torch.no_grad()

@@ -30,7 +30,7 @@ from spinlm.allocator import large_blocks_returned
 from spinlm.choices import LR_SCHEDULERS, OPTIMIZERS
 from spinlm.crash_points import crash_point
 from spinlm.errors import UserError
-from spinlm.modeling import (DTYPES, MIXED_PRECISION, autocast_context, check_vocab_fits, disable_dropout,
+from spinlm.modeling import (DTYPES, MIXED_PRECISION, check_vocab_fits, disable_dropout, forward_context,
                              enable_gradient_checkpointing, eos_ids_of, load_model, load_tokenizer, master_dtype,
                              pick_device, resolve_attn_implementation, tokenizer_source)
 from spinlm.pairs import Pairs
@@ -132,8 +132,7 @@ class PolicyWorker:
         self.tokenizer = load_tokenizer(tokenizer_source(cfg.model, checkpoint), cfg.model.trust_remote_code)
         self.attn_implementation = resolve_attn_implementation(cfg.model.attn_implementation, self.device)
         # Single process, mixed precision is torch.autocast around every forward; sharded, FSDP2 casts.
-        self.autocast = (lambda: nullcontext()) if self.distributed else (
-            lambda: autocast_context(cfg.model.dtype, self.device))
+        self.forward_context = lambda: forward_context(cfg.model.dtype, self.device, autocast=not self.distributed)
         self.offload_opponent = cfg.actor.opponent_offload and self.device.type != "cpu"
         self.policy = self._load(model_path)
         self.model = self.policy.model  # the Hugging Face model inside (with LoRA: the adapter is injected into it)
@@ -148,7 +147,7 @@ class PolicyWorker:
         self.actor = DataParallelActor(
             self.policy, micro_batch_size=cfg.actor.micro_batch_size,
             max_tokens_per_micro_batch=cfg.actor.max_tokens_per_micro_batch,
-            block_mask=self.attn_implementation != "flash_attention_2", autocast=self.autocast)
+            block_mask=self.attn_implementation != "flash_attention_2", forward_context=self.forward_context)
         self.optimizer = None
         self.scheduler = None
         self.vllm = self._start_vllm(model_path) if cfg.rollout.engine == "vllm" else None
@@ -175,7 +174,10 @@ class PolicyWorker:
         disable_dropout(model)
         if c.gradient_checkpointing and not frozen:
             enable_gradient_checkpointing(model)
-        wrapper = ResponseLogProbs(model, chunk=self.cfg.actor.logprob_chunk_size)
+        # per-sequence attention calls pay off on CPU; on a GPU they are thousands of tiny launches where one
+        # masked call per layer does the work (benchmarks/gpu_check.py --profile)
+        wrapper = ResponseLogProbs(model, chunk=self.cfg.actor.logprob_chunk_size,
+                                   packed_attention=self.device.type == "cpu")
         if frozen:
             wrapper.requires_grad_(False).eval()
         if self.distributed:
@@ -236,7 +238,7 @@ class PolicyWorker:
         if self.vllm is not None:
             rollout = self._generate_vllm(prompts, keys, params, seed)
         else:
-            with self.gathered(), self.autocast(), self.zero_adapter_skipped():
+            with self.gathered(), self.forward_context(), self.zero_adapter_skipped():
                 rollout = generate(self.model, prompts, params, pad_id=self.tokenizer.pad_token_id,
                                    eos_ids=self.eos_ids, batch_size=self.cfg.rollout.batch_size,
                                    seed=seed, keys=keys, desc=desc, progress=self.rank == 0)
