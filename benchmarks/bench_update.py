@@ -392,7 +392,7 @@ def main() -> None:
     try:
         import trl  # noqa: F401
     except ImportError:
-        print("bench_update.py needs TRL for the comparison: pip install trl==1.16.0", file=sys.stderr)
+        print("bench_update.py needs TRL for the comparison: pip install -e \".[bench]\" (trl==1.16.0)", file=sys.stderr)
         sys.exit(1)
     if args.child:
         child(MODELS[args.child[0]], *args.child)
