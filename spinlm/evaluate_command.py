@@ -80,7 +80,7 @@ def evaluate_model_dir(cfg, model_path: Path, val_items_for) -> dict[str, float]
 
     from spinlm.evaluate import evaluate_accuracy, evaluate_pass_at_k
     from spinlm.rewards import get_reward_fn
-    from spinlm.modeling import (autocast_context, check_vocab_fits, load_model, load_tokenizer, master_dtype,
+    from spinlm.modeling import (check_vocab_fits, forward_context, load_model, load_tokenizer, master_dtype,
                                  pick_device, tokenizer_source)
 
     has_tokenizer = (model_path / "tokenizer_config.json").is_file()
@@ -88,7 +88,8 @@ def evaluate_model_dir(cfg, model_path: Path, val_items_for) -> dict[str, float]
         raise UserError(f"{model_path}: holds no tokenizer (no tokenizer_config.json); pass model.tokenizer_path=DIR")
     tokenizer = load_tokenizer(tokenizer_source(cfg.model, model_path), cfg.model.trust_remote_code)
     device = pick_device(cfg.trainer.device)
-    # as the trainer runs it: fp32 weights under autocast when model.dtype is bf16/fp16 (mixed precision)
+    # as the trainer runs it: fp32 weights under autocast when model.dtype is bf16/fp16 (mixed precision), and the
+    # same attention backends (on CUDA no cuDNN attention: a graph build per decode step)
     model = load_model(str(model_path), dtype=master_dtype(cfg.model.dtype), attn_implementation=cfg.model.attn_implementation,
                        device=device, trust_remote_code=cfg.model.trust_remote_code).eval()
     check_vocab_fits(tokenizer, model, str(model_path))
@@ -97,7 +98,7 @@ def evaluate_model_dir(cfg, model_path: Path, val_items_for) -> dict[str, float]
     log.info("evaluating %s: %d prompts, greedy%s", model_path, len(items),
              f" and {cfg.eval.n} samples each" if cfg.eval.n > 0 else "")
     common = dict(max_new_tokens=cfg.data.max_response_length, batch_size=cfg.rollout.batch_size, progress=True)
-    with torch.no_grad(), autocast_context(cfg.model.dtype, device):
+    with torch.no_grad(), forward_context(cfg.model.dtype, device):
         metrics = {"val/prompts": float(len(items))}
         metrics.update(evaluate_accuracy(model, tokenizer, items, reward_fn, **common))
         if cfg.eval.n > 0:
