@@ -31,11 +31,13 @@ import sys
 import tempfile
 import time
 
-# As the spinlm command does (spinlm/cli.py): spinning OpenMP threads stall badly when other jobs share the cores.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the spinlm command sets it (spinlm/cli.py), for every side
+from spinlm.process_defaults import apply_process_defaults
 
-import torch  # noqa: E402  (after OMP_WAIT_POLICY)
+# as the spinlm command runs (OMP_WAIT_POLICY=PASSIVE: spinning OpenMP threads on shared cores make step times swing
+# by 10x and more), for every side; before torch is imported
+apply_process_defaults()
+
+import torch  # noqa: E402  (after apply_process_defaults)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAD = 0

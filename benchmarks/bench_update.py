@@ -30,11 +30,13 @@ import sys
 import tempfile
 import time
 
-# two spinning OpenMP threads on shared cores make step times swing by 10x and more (see "## Rollout")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the spinlm command sets it (spinlm/cli.py), for every side
+from spinlm.process_defaults import apply_process_defaults
 
-import torch  # noqa: E402  (after OMP_WAIT_POLICY)
+# as the spinlm command runs (OMP_WAIT_POLICY=PASSIVE: spinning OpenMP threads on shared cores make step times swing
+# by 10x and more), for every side; before torch is imported
+apply_process_defaults()
+
+import torch  # noqa: E402  (after apply_process_defaults)
 
 EOS, PAD = 2, 0
 

@@ -18,7 +18,6 @@ import gc
 import importlib.util
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -95,6 +94,23 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed_rollout(worker, prompts: list[list[int]], new_tokens: int, device: torch.device):
+    """A short warm-up call (kernels, allocator), then the timed rollout: (its Rollout, seconds)."""
+    from spinlm.rollout.hf_rollout import SamplingParams
+
+    worker.generate(prompts[:4], SamplingParams(max_new_tokens=4), seed=0, desc="warm-up")
+    synchronize(device)
+    t = time.perf_counter()
+    rollout = worker.generate(prompts, SamplingParams(max_new_tokens=new_tokens, temperature=1.0), seed=1)
+    synchronize(device)
+    return rollout, time.perf_counter() - t
+
+
+def peak_gib(device: torch.device) -> float | None:
+    """Peak GPU memory since the last reset, GiB (None on a CPU)."""
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
 def time_updates(worker, pairs, ref_c, ref_r, run: dict, device: torch.device, first: int) -> dict:
     """run["steps"] + 1 optimizer steps of run["batch"] pairs (the first one a warm-up, not timed), starting at pair
     first * batch; tokens/s, model FLOP/s and peak memory of the timed ones, every step's loss."""
@@ -116,10 +132,9 @@ def time_updates(worker, pairs, ref_c, ref_r, run: dict, device: torch.device, f
             response_tokens = sum(len(pairs.chosen[i]) + len(pairs.rejected[i]) for i in idx)
             flops.append(flops_per_update(worker.model, int(m["train/tokens"]), response_tokens))
         losses.append(m["loss"])
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return dict(update_tokens_per_s=sum(tokens) / sum(times), update_step_s=sum(times) / len(times),
                 update_flops_per_s=sum(flops) / sum(times), flops_per_step=sum(flops) / len(flops),
-                update_peak_memory_gb=peak / 2**30 if peak is not None else None, losses=losses)
+                update_peak_memory_gb=peak_gib(device), losses=losses)
 
 
 def profile_worker(worker, pairs, ref_c, ref_r, run: dict, device: torch.device, out: Path) -> None:
@@ -171,7 +186,6 @@ def release(device: torch.device) -> None:
 
 
 def run_spinlm(model_dir: Path, tok_dir: Path, run: dict, args, device: torch.device, dtype: str) -> dict:
-    from spinlm.rollout.hf_rollout import SamplingParams
     from spinlm.pairs import Pairs
     from spinlm.workers.fsdp_workers import PolicyWorker
 
@@ -185,13 +199,7 @@ def run_spinlm(model_dir: Path, tok_dir: Path, run: dict, args, device: torch.de
     gen = torch.Generator().manual_seed(0)
     prompts = random_ids(gen, run["prompts"], run["prompt_len"], vocab)
 
-    # rollout: the first (short) call warms up kernels and the allocator
-    worker.generate(prompts[:4], SamplingParams(max_new_tokens=4), seed=0, desc="warm-up")
-    synchronize(device)
-    t = time.perf_counter()
-    rollout = worker.generate(prompts, SamplingParams(max_new_tokens=run["response_len"], temperature=1.0), seed=1)
-    synchronize(device)
-    rollout_s = time.perf_counter() - t
+    rollout, rollout_s = timed_rollout(worker, prompts, run["response_len"], device)
     samples = [r[0] for r in rollout.responses]
     rollout_tokens = sum(map(len, samples))
 
@@ -237,7 +245,7 @@ def check_opponent_offload(model_dir: Path, tok_dir: Path, device: torch.device,
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         loss = worker.update(batch, LossSettings(beta=0.1), run["batch"])["loss"]
-        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        peak = peak_gib(device)
         where = {str((p.to_local() if isinstance(p, DTensor) else p).device) for p in worker.opponent.parameters()}
         out["offload" if offload else "resident"] = dict(
             peak_memory_gb=peak, opponent_devices=sorted(where), first_loss=loss,
@@ -272,12 +280,6 @@ def check_precision(model_dir: Path, tok_dir: Path, device: torch.device, pairs,
                 max_margin_diff=float(((c16 - r16) - (c32 - r32)).abs().max()))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def check_fsdp2(model_dir: Path, tok_dir: Path, device: torch.device, dtype: str, pairs, ref, run: dict,
                 single: dict) -> dict:
     """The multi-GPU code path on one device: a one-rank process group (NCCL on CUDA, gloo on CPU) makes the worker
@@ -287,8 +289,8 @@ def check_fsdp2(model_dir: Path, tok_dir: Path, device: torch.device, dtype: str
     import torch.distributed as dist
     from torch.distributed.fsdp import FSDPModule
 
-    from spinlm.rollout.hf_rollout import SamplingParams
     from spinlm.workers.fsdp_workers import PolicyWorker
+    from spinlm.workers.worker_group import free_port
 
     backend = "nccl" if device.type == "cuda" else "gloo"
     # NCCL wants the device with its index; gloo none
@@ -300,13 +302,7 @@ def check_fsdp2(model_dir: Path, tok_dir: Path, device: torch.device, dtype: str
                               keep_opponent=False)
         sharded = sum(isinstance(m, FSDPModule) for m in worker.policy.modules())
         prompts = pairs.prompts[:16]
-        new_tokens = max(4, run["response_len"] // 4)
-        worker.generate(prompts[:4], SamplingParams(max_new_tokens=4), seed=0, desc="warm-up")
-        synchronize(device)
-        t = time.perf_counter()
-        rollout = worker.generate(prompts, SamplingParams(max_new_tokens=new_tokens, temperature=1.0), seed=1)
-        synchronize(device)
-        rollout_s = time.perf_counter() - t
+        rollout, rollout_s = timed_rollout(worker, prompts, max(4, run["response_len"] // 4), device)
         rollout_tokens = sum(len(r[0]) for r in rollout.responses)
         logps = worker.sequence_logps(pairs.prompts[:16], pairs.chosen[:16])
         worker.start_schedule(run["steps"] + 1)
@@ -369,14 +365,14 @@ def run_trl(model_dir: Path, pairs, run: dict, device: torch.device, dtype: str)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         trainer.train()
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    peak = peak_gib(device)
     measured = times[1:]
     tokens_per_step = sum(len(p) * 2 + len(c) + len(r) for p, c, r in
                           zip(pairs.prompts, pairs.chosen, pairs.rejected)) * run["batch"] / len(pairs.prompts)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return dict(version=trl.__version__, update_tokens_per_s=tokens_per_step * len(measured) / sum(measured),
                 update_step_s=sum(measured) / len(measured),
-                update_peak_memory_gb=peak / 2**30 if peak is not None else None, first_loss=losses[0] if losses else None)
+                update_peak_memory_gb=peak, first_loss=losses[0] if losses else None)
 
 
 def save(results: dict, path: str | None) -> None:

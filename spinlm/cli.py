@@ -4,18 +4,12 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
-import os
 import signal
 import sys
 
-# OpenMP threads that spin while waiting make torch 5-10x slower whenever the cores are shared with anything else
-# (measured: a smoke run 54 s -> 8 s at load 4 on 2 cores). Must be set before torch is imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-# torch's CPU allocator: tensors of 2 MiB and more 2 MiB-aligned and madvised for transparent huge pages, so the
-# fresh blocks of an update (spinlm/allocator.py returns freed ones to the OS) take fewer page faults where the kernel
-# finds huge pages (about half here; the 25M update 659 -> 729 tokens/s, same peak RSS). Read at torch's first
-# allocation.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+from spinlm.process_defaults import apply_process_defaults
+
+apply_process_defaults()  # before torch is imported (by the modules below)
 
 from spinlm.config import load_config, to_yaml
 from spinlm.errors import ConfigError, Terminated, UserError

@@ -11,7 +11,7 @@ PACKAGE = Path(spinlm.__file__).resolve().parent
 
 # lowest first; a module's layer is that of its longest matching prefix
 LAYERS = [
-    ["spinlm.errors", "spinlm.choices", "spinlm.pairs", "spinlm.crash_points", "spinlm.extras", "spinlm.hub", "spinlm.allocator",
+    ["spinlm.errors", "spinlm.choices", "spinlm.pairs", "spinlm.crash_points", "spinlm.extras", "spinlm.hub", "spinlm.allocator", "spinlm.process_defaults",
      "spinlm.seeding", "spinlm.config", "spinlm.verl_compat", "spinlm.run_dir", "spinlm.core_algos", "spinlm.data",
      "spinlm.tasks.arith", "spinlm.tasks.tiny_model"],
     ["spinlm.modeling", "spinlm.rollout", "spinlm.rewards", "spinlm.evaluate", "spinlm.lm_eval_tasks",
