@@ -3,7 +3,8 @@
 SPIN's fixed point is the data distribution, so the paper starts from a model already trained to convergence on its
 SFT data, where one more SFT epoch no longer helps. benchmarks/quality.py started from a weak warm start (10.5%), where
 more SFT is bound to win. This study first trains SFT to its plateau, then compares from that one start, per task
-setting in TASKS (an easier distribution, and the bundled task's own):
+setting in TASKS (an easier distribution and the bundled task's own, both with 2000 SFT rows and plateaus above 90%;
+and a data-limited one: 500 SFT rows, whose plateau is in the middle range):
 
   1. the SFT curve: passes over the SFT split (each `spinlm sft` run continues the previous one), greedy exact match
      on a dev split (rows of train.parquet outside the SFT split) after each; it stops when `patience` passes in a
@@ -14,6 +15,7 @@ setting in TASKS (an easier distribution, and the bundled task's own):
        SPIN unguarded        the paper's settings: beta 0.1, no guard, no SFT term
        online DPO, reward    GSM8K 0/1 reward, rollout.n=8, correct-vs-incorrect pairs only (min_reward_margin 1),
                              SFT term on correct chosen only, reference kept at the plateau model
+       (data-limited task only) the same online DPO on new prompts given with their final answer only
        continued SFT         the same prompts, ground truths, steps, batch and lr as SPIN guarded, NLL only
   3. every round's checkpoint scored per held-out prompt (greedy), so each method is compared with continued SFT
      *paired*: per prompt and seed, correct(method) - correct(continued SFT).
@@ -23,7 +25,7 @@ an interrupted study resumes where it stopped (runs with a result file are skipp
 under .cache/ and outputs/ (git-ignored). Writes RESULTS.md (with benchmarks/results/plateau_reading.md, the written
 interpretation, and benchmarks/results/quality.md, the earlier weak-start study) and the plots to benchmarks/results/.
 
-    .venv/bin/python benchmarks/plateau_study.py                  # both tasks (about an hour on 2 quiet cores)
+    .venv/bin/python benchmarks/plateau_study.py                  # all tasks (about 1.5 h on 2 quiet cores)
     .venv/bin/python benchmarks/plateau_study.py --tasks easy     # one task
     .venv/bin/python benchmarks/plateau_study.py --markdown-only  # RESULTS.md and plots from the results on disk
     .venv/bin/python benchmarks/plateau_study.py --quick          # the same pipeline at toy scale (~3 min), to /tmp
@@ -49,6 +51,10 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 LENGTHS = ["data.max_prompt_length=96", "data.max_response_length=64"]  # preset=tiny's lengths
 
+# Self-play's one advantage over SFT: the reward needs a prompt's final answer, not a worked response. This run trains
+# on train rows outside the SFT and dev splits, written without their responses (answer_only.parquet), so it uses
+# more prompts than the others (same count per round, same steps): for tasks with `answer_only_prompts`.
+ANSWER_ONLY = "online DPO, 0/1 reward, n=8, on new answer-only prompts"
 # The tasks and model: see RESULTS.md for why these. `pass_steps`: one pass of SFT (batch 16) over the SFT split
 # (easy: 125 steps = 1 epoch of 2000 rows; bundled: 250 steps = 2 epochs). `name`: the folder names of a task's
 # results (benchmarks/results/<name>/, plots <name>_*.png), build (.cache/<dir>) and runs (outputs/<dir>).
@@ -63,6 +69,14 @@ TASKS = {
         title="1-3 operations, numbers up to 20 (the bundled task's distribution)",
         task=dict(n_train=3000, n_val=1000, n_sft=2000, min_steps=1, max_steps=3, max_number=20, model_kwargs=MODEL),
         pass_steps=250, max_passes=24, patience=2, n_dev=500, prompts_per_round=512, rounds=2, seeds=[1, 2, 3]),
+    "small_sft": dict(
+        name="plateau_small_sft", dir="plateau_study_small_sft",
+        title="a data-limited plateau: 500 SFT rows, 1-2 operations, numbers up to 20",
+        task=dict(n_train=3000, n_val=1000, n_sft=500, min_steps=1, max_steps=2, max_number=20, model_kwargs=MODEL),
+        pass_steps=125, max_passes=48, patience=8, n_dev=500, prompts_per_round=500, rounds=6, seeds=[1, 2, 3],
+        answer_only_prompts=True,
+        # Found on the 1000 held-out prompts (+1.1 +- 0.9 points after round 6), then tested once on fresh prompts:
+        confirm=dict(method=ANSWER_ONLY, n_prompts=5000)),
 }
 QUICK = dict(
     name="plateau_quick", dir="plateau_quick", title="toy scale (--quick)",
@@ -80,23 +94,35 @@ METHODS = {  # name -> overrides on top of preset=tiny (online DPO also gets ref
     "online DPO, 0/1 reward, n=8": [*GUARD, *REWARD_RECIPE],
     BASELINE: SFT_ONLY,
 }
+METHODS[ANSWER_ONLY] = METHODS["online DPO, 0/1 reward, n=8"]
+
+
+def task_methods(settings: dict) -> list[str]:
+    return [n for n in METHODS if n != ANSWER_ONLY or settings.get("answer_only_prompts")]
 
 
 # ------------------------------------------------------------------------------------------------ task and splits
 
 def build_task(cache: Path, settings: dict) -> dict[str, Path]:
     """The task build (its own SFT is pass 1 of the curve) plus dev.parquet: the last n_dev train rows, outside the
-    SFT split and never trained on. Cached: a second call only checks the build."""
+    SFT split and never trained on; and answer_only.parquet: the train rows between the SFT split (the first n_sft)
+    and dev, with the prompt and final answer only (verl format: no `messages`, no worked solution). Cached: a
+    second call only checks the build."""
     import pyarrow.parquet as pq
 
     from spinlm.tasks.build import build_tiny_task
 
     task = build_tiny_task(cache / "task", sft_steps=settings["pass_steps"], **settings["task"])
     train = pq.read_table(task / "train.parquet")
-    dev = cache / "dev.parquet"
+    dev, answer_only = cache / "dev.parquet", cache / "answer_only.parquet"
     if not dev.exists():
         pq.write_table(train.slice(train.num_rows - settings["n_dev"]), dev)
-    return {"task": task, "sft": task / "sft.parquet", "dev": dev, "test": task / "val.parquet"}
+    if not answer_only.exists():
+        n_sft = settings["task"]["n_sft"]
+        rows = train.slice(n_sft, train.num_rows - settings["n_dev"] - n_sft)
+        pq.write_table(rows.select(["data_source", "prompt", "ability", "reward_model"]), answer_only)
+    return {"task": task, "sft": task / "sft.parquet", "dev": dev, "test": task / "val.parquet",
+            "answer_only": answer_only}
 
 
 def greedy_answers(model_dir: Path, test_file: Path, lengths: list[str] = LENGTHS) -> tuple[list, list[str]]:
@@ -204,8 +230,8 @@ def chosen_drifts(rows: list[dict], rounds: int) -> list[float | None]:
 
 def run_method(name: str, seed: int, start: Path, paths: dict[str, Path], settings: dict, work: Path,
                results: Path) -> dict:
-    """One `spinlm train` run from the plateau start on the SFT split's prompts; every round's checkpoint scored per
-    held-out prompt. Skipped when its result file exists (resume)."""
+    """One `spinlm train` run from the plateau start on the SFT split's prompts (ANSWER_ONLY: on answer_only.parquet);
+    every round's checkpoint scored per held-out prompt. Skipped when its result file exists (resume)."""
     result_file = results / "runs" / f"{slug(name)}-s{seed}.json"
     if result_file.exists():
         return json.loads(result_file.read_text())
@@ -216,14 +242,13 @@ def run_method(name: str, seed: int, start: Path, paths: dict[str, Path], settin
     if "algorithm.mode=online_dpo" in overrides:  # a round = as many prompts as the other methods' rounds
         overrides.append(f"algorithm.ref_update_every={ppr // 32}")
     cmd = [sys.executable, "-m", "spinlm.cli", "train", "preset=tiny", f"model.path={start}",
-           f"data.train_files={paths['sft']}", f"data.val_files={paths['dev']}", "data.val_max_samples=null",
+           f"data.train_files={paths['answer_only' if name == ANSWER_ONLY else 'sft']}",
+           f"data.val_files={paths['dev']}", "data.val_max_samples=null",
            f"data.prompts_per_round={ppr}", f"trainer.rounds={rounds}", f"trainer.seed={seed}",
            f"trainer.output_dir={out}", "trainer.resume=disable", "trainer.logger=[jsonl]",
            "trainer.eval_before_training=false", *overrides]
     begin = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{name}, seed {seed} failed (exit {proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    train_run(cmd, f"{name}, seed {seed}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     by_round = lambda kind: sorted((r for r in rows if r["kind"] == kind), key=lambda r: r["round"])  # noqa: E731
     test = [per_prompt_correct(out / "checkpoints" / str(t), paths["test"]) for t in range(1, rounds + 1)]
@@ -236,6 +261,58 @@ def run_method(name: str, seed: int, start: Path, paths: dict[str, Path], settin
     shutil.rmtree(out / "checkpoints")  # scored; the metrics stay for diagnosis (benchmarks/diagnose_online_dpo.py)
     print(f"{name} seed {seed}: test {' '.join(f'{100 * a:.1f}' for a in record['test_acc'])}  "
           f"steps {record['steps']}  ({record['seconds']:.0f} s)", flush=True)
+    return record
+
+
+def train_run(cmd: list[str], label: str) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{label} failed (exit {proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+
+
+# ------------------------------------------------------------------------------ confirmation on fresh prompts
+
+def fresh_prompts(paths: dict[str, Path], settings: dict, n: int) -> Path:
+    """`n` problems of the task's distribution that no split holds: the generator's next ones after the build's
+    train and val problems (generate_problems is one seeded stream of distinct questions)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from spinlm.tasks.arith import generate_problems, to_rows
+
+    path = paths["dev"].parent / f"fresh{n}.parquet"
+    if not path.exists():
+        t = settings["task"]
+        problems = generate_problems(t["n_train"] + t["n_val"] + n, 0, min_steps=t["min_steps"],
+                                     max_steps=t["max_steps"], max_number=t["max_number"])
+        pq.write_table(pa.Table.from_pylist(to_rows(problems[t["n_train"] + t["n_val"]:], "fresh")), path)
+    return path
+
+
+def confirm(settings: dict, paths: dict[str, Path], work: Path, results: Path) -> dict:
+    """The confirmation test of `settings["confirm"]`: its method and continued SFT, last round, scored on fresh
+    prompts. Each run is retrained from its recorded command (the result files keep no checkpoints) and its
+    held-out answers compared with the recorded ones, so the fresh scores are known to be the same models'."""
+    result_file = results / "confirm.json"
+    if result_file.exists():
+        return json.loads(result_file.read_text())
+    spec, rounds = settings["confirm"], settings["rounds"]
+    fresh = fresh_prompts(paths, settings, spec["n_prompts"])
+    record = {"method": spec["method"], "round": rounds, "n_prompts": spec["n_prompts"], "fresh": {}, "reproduced": {}}
+    for name in (spec["method"], BASELINE):
+        for seed in settings["seeds"]:
+            run = json.loads((results / "runs" / f"{slug(name)}-s{seed}.json").read_text())
+            out = work / "runs" / f"{slug(name)}-s{seed}"
+            shutil.rmtree(out, ignore_errors=True)
+            train_run([sys.executable, "-m", *run["command"]], f"{name}, seed {seed} (rerun)")
+            checkpoint = out / "checkpoints" / str(rounds)
+            held_out = per_prompt_correct(checkpoint, paths["test"])
+            record["reproduced"].setdefault(name, {})[seed] = sum(a != b for a, b in zip(held_out, run["test"][-1]))
+            record["fresh"].setdefault(name, {})[seed] = per_prompt_correct(checkpoint, fresh)
+            shutil.rmtree(out / "checkpoints")
+            print(f"confirm: {name} seed {seed}: fresh {100 * accuracy(record['fresh'][name][seed]):.1f}, "
+                  f"{record['reproduced'][name][seed]} held-out answers differ from the recorded run", flush=True)
+    save(result_file, record)
     return record
 
 
@@ -339,6 +416,33 @@ def start_table(runs: dict, start_bits: str, rounds: int) -> list[str]:
     return lines
 
 
+def confirm_section(record: dict) -> list[str]:
+    """The confirmation test's write-up: fresh-prompt accuracies and the paired difference, as in paired_table."""
+    name, n = record["method"], record["n_prompts"]
+    method, base = record["fresh"][name], record["fresh"][BASELINE]
+    p = paired({int(s): b for s, b in method.items()}, {int(s): b for s, b in base.items()})
+    z = p["diff"] / p["se_prompts"]
+    acc = lambda bits: mean_se(seed_averaged(list(bits.values())))  # noqa: E731
+    differ = [k for by_seed in record["reproduced"].values() for k in by_seed.values()]
+    return [
+        f"### Confirmation on {n} fresh prompts",
+        "",
+        f"The largest difference above was found after looking at these 1000 held-out prompts, so it was tested once "
+        f"more, on {n} problems of the same distribution that no split holds (the generator's next ones), with the same "
+        f"runs: each was retrained from its recorded command, and {sum(k == 0 for k in differ)} of {len(differ)} reruns "
+        "gave exactly the recorded held-out answers"
+        + (f" (the others differ on at most {max(differ)} of 1000)." if any(differ) else "."),
+        "",
+        "| method | round | seeds | fresh exact match (%) | continued SFT (%) | difference (points) | SE over prompts | "
+        "diff / SE | per-seed differences | SE over seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| {name} | {record['round']} | {len(p['seeds'])} | {100 * acc(method)[0]:.1f} ± {100 * acc(method)[1]:.1f} | "
+        f"{100 * acc(base)[0]:.1f} ± {100 * acc(base)[1]:.1f} | {pct(p['diff'])} | {100 * p['se_prompts']:.2f} | "
+        f"{z:+.1f} | {' '.join(pct(d) for d in p['per_seed'])} | {points(p['se_seeds'])} |",
+        "",
+    ]
+
+
 def drift_table(runs: dict, rounds: int) -> list[str]:
     lines = ["| method | " + " | ".join(f"round {t}" for t in range(1, rounds + 1)) + " |", "|---|" + "---|" * rounds]
     for name, by_seed in runs.items():
@@ -421,8 +525,10 @@ def run_task(settings: dict, quick: bool, names: list[str]) -> None:
     print(f"plateau start: SFT pass {chosen + 1} (dev {100 * curve[chosen]['dev_acc']:.1f}, "
           f"held-out {100 * curve[chosen]['test_acc']:.1f})", flush=True)
     for seed in settings["seeds"]:  # seed-major: a cut-short study has every method at its first seeds
-        for name in names:
+        for name in [n for n in names if n in task_methods(settings)]:
             run_method(name, seed, start_model, paths, settings, work, results)
+    if "confirm" in settings and set(task_methods(settings)) <= set(names):
+        confirm(settings, paths, work, results)
 
 
 def main() -> None:
@@ -451,7 +557,7 @@ def main() -> None:
 
 def load_runs(settings: dict, results: Path) -> dict[str, dict[int, dict]]:
     runs: dict[str, dict[int, dict]] = {}
-    for name in METHODS:
+    for name in task_methods(settings):
         for seed in settings["seeds"]:
             path = results / "runs" / f"{slug(name)}-s{seed}.json"
             if path.exists():
@@ -474,7 +580,7 @@ def task_section(settings: dict, quick: bool) -> list[str]:
     n_params = json.loads((results / "sft_curve.json").read_text()).get("n_params")
     run_seconds = sum(r["seconds"] for by_seed in runs.values() for r in by_seed.values())
     sft_seconds = sum(p["seconds"] for p in curve)
-    missing = sorted({(n, s) for n in METHODS for s in settings["seeds"]}
+    missing = sorted({(n, s) for n in task_methods(settings) for s in settings["seeds"]}
                      - {(n, s) for n, by_seed in runs.items() for s in by_seed})
     rel = (lambda path: os.path.relpath(path, REPO)) if not quick else str
     status = ("**Partial:** missing runs (method, seed): " + "; ".join(f"{n} s{s}" for n, s in missing) + "."
@@ -497,7 +603,10 @@ def task_section(settings: dict, quick: bool) -> list[str]:
         f"pass), each from the previous; stop after {settings['patience']} passes without a new best dev accuracy; "
         "the best pass by dev accuracy is every method's start.",
         f"- **Methods**: {rounds} rounds of {settings['prompts_per_round']} prompts from the SFT split; online DPO's "
-        f"round is `algorithm.ref_update_every={settings['prompts_per_round'] // 32}` steps of 32 prompts x 8 samples.",
+        f"round is `algorithm.ref_update_every={settings['prompts_per_round'] // 32}` steps of 32 prompts x 8 samples."
+        + (f" *{ANSWER_ONLY}* draws its rounds from the {task['n_train'] - task['n_sft'] - settings['n_dev']} train "
+           "rows outside the SFT and dev splits, given without their worked solutions (prompt and final answer only)."
+           if settings.get("answer_only_prompts") else ""),
         f"- **Wall time**: {sft_seconds / 60:.0f} min of SFT training (evaluations not included) and "
         f"{run_seconds / 60:.0f} min for the {sum(map(len, runs.values()))} method runs (training plus per-prompt "
         f"scoring of every round), summed. Raw JSON: `{rel(results)}/`.",
@@ -525,6 +634,8 @@ def task_section(settings: dict, quick: bool) -> list[str]:
         "",
         *start_table(runs, curve[chosen]["test"], rounds),
         "",
+        *(confirm_section(json.loads((results / "confirm.json").read_text()))
+          if (results / "confirm.json").exists() else []),
         "### Chosen drift (nats, mean over seeds; negative: the chosen log-prob fell below the opponent's)",
         "",
         *drift_table(runs, rounds),
@@ -555,7 +666,7 @@ def write_markdown(sections: list[list[str]], quick: bool) -> None:
         "per-seed mean differences with their SE over seeds (3 seeds: a rough SE).",
         "",
         "```",
-        "nice -n 19 .venv/bin/python benchmarks/plateau_study.py                  # both tasks; resumable: skips runs with a result file",
+        "nice -n 19 .venv/bin/python benchmarks/plateau_study.py                  # all tasks; resumable: skips runs with a result file",
         "nice -n 19 .venv/bin/python benchmarks/plateau_study.py --tasks easy     # one task",
         "nice -n 19 .venv/bin/python benchmarks/plateau_study.py --markdown-only  # tables and plots from the results on disk",
         "nice -n 19 .venv/bin/python benchmarks/plateau_study.py --quick          # the pipeline at toy scale, to /tmp",

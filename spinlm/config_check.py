@@ -812,7 +812,7 @@ def validate(cfg: DictConfig) -> None:
     if problems:
         raise ConfigError(problems)
     for warning in ignored_key_warnings(cfg):
-        logger.warning("WARNING: %s", warning)
+        logger.warning("%s", warning)
 
 
 # Keys that only one mode reads; the other mode ignores them.

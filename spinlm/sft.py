@@ -71,11 +71,13 @@ def _check_items(items: list[TokenizedExample]) -> None:
 
 def train_sft(model, tokenizer, items: list[TokenizedExample], *, steps: int, batch_size: int, lr: float,
               warmup_ratio: float, seed: int, grad_clip: float = 1.0, weight_decay: float = 0.0,
-              log_every: int = 50, forward_context=nullcontext) -> list[float]:
+              log_every: int = 50, precision_context=nullcontext) -> list[float]:
     """Train ``model`` in place for ``steps`` AdamW steps (linear warmup, then cosine decay). Returns per-step losses.
 
     Deterministic given ``seed``: it seeds torch's global RNG (dropout, if any) and a private generator for the
     batch order. The loss of a step is the mean cross-entropy over the response tokens of its batch.
+    ``precision_context``: a zero-argument callable giving the context each forward and loss run under
+    (``modeling.forward_context``: autocast and attention backends).
     """
     for name, value, ok in (("steps", steps, steps >= 1), ("batch_size", batch_size, batch_size >= 1),
                             ("lr", lr, lr > 0), ("warmup_ratio", warmup_ratio, 0 <= warmup_ratio < 1),
@@ -100,7 +102,7 @@ def train_sft(model, tokenizer, items: list[TokenizedExample], *, steps: int, ba
     bar = tqdm(range(steps), desc="sft", unit="step", mininterval=1.0)
     for step in bar:
         batch = {k: v.to(device) for k, v in sft_batch([items[i] for i in next(batches)], pad_id).items()}
-        with forward_context():  # mixed precision: the forward in bf16/fp16, the fp32 weights updated outside
+        with precision_context():  # mixed precision: the forward in bf16/fp16, the fp32 weights updated outside
             loss = model(**batch).loss
         if not torch.isfinite(loss):
             raise FloatingPointError(f"sft step {step + 1}: loss is {loss.item()} (try a lower sft.lr)")
@@ -174,7 +176,7 @@ def run_sft_from_config(cfg: DictConfig) -> dict[str, Any]:
     losses = train_sft(model, tokenizer, train_items, steps=cfg.sft.steps, batch_size=cfg.sft.batch_size,
                        lr=float(cfg.sft.lr), warmup_ratio=float(cfg.sft.warmup_ratio), seed=seed_for(cfg, GLOBAL),
                        log_every=max(1, cfg.sft.steps // 10),
-                       forward_context=lambda: forward_context(cfg.model.dtype, device))
+                       precision_context=lambda: forward_context(cfg.model.dtype, device))
     summary.update(steps=len(losses), final_loss=sum(losses[-10:]) / len(losses[-10:]),
                    seconds=time.perf_counter() - start, output_dir=str(out_dir))
     log.info("sft: %d steps in %.1fs, final loss %.4f", len(losses), summary["seconds"], summary["final_loss"])
