@@ -161,7 +161,7 @@ def run_spinlm(spec: dict, block_mask: bool = False, bf16: bool = False, allocat
     """spinlm's step as PolicyWorker.update runs it on CPU: preference_step inside large_blocks_returned() (glibc
     returns freed activations to the OS during the update; `allocator=False` leaves glibc's defaults)."""
     from spinlm.allocator import large_blocks_returned
-    from spinlm.modeling import autocast_context
+    from spinlm.modeling import forward_context
     from spinlm.pairs import Pairs
     from spinlm.workers.dp_actor import DataParallelActor, LossSettings
     from spinlm.workers.logprobs import ResponseLogProbs
@@ -171,9 +171,9 @@ def run_spinlm(spec: dict, block_mask: bool = False, bf16: bool = False, allocat
     wrapper = ResponseLogProbs(model)
     if block_mask:
         model.set_attn_implementation("sdpa")
-    autocast = (lambda: autocast_context("bfloat16", torch.device("cpu"))) if bf16 else contextlib.nullcontext
+    forward = (lambda: forward_context("bfloat16", torch.device("cpu"))) if bf16 else contextlib.nullcontext
     actor = DataParallelActor(wrapper, micro_batch_size=spec["batch"], max_tokens_per_micro_batch=None,
-                              forward_context=autocast)
+                              forward_context=forward)
     t0 = time.perf_counter()
     ref_c = actor.sequence_logps(prompts, chosen)
     ref_r = actor.sequence_logps(prompts, rejected)

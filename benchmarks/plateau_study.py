@@ -272,9 +272,10 @@ def train_run(cmd: list[str], label: str) -> None:
 
 # ------------------------------------------------------------------------------ confirmation on fresh prompts
 
-def fresh_prompts(paths: dict[str, Path], settings: dict, n: int) -> Path:
+def fresh_prompts(paths: dict[str, Path], n: int) -> Path:
     """`n` problems of the task's distribution that no split holds: the generator's next ones after the build's
-    train and val problems (generate_problems is one seeded stream of distinct questions)."""
+    train and val problems (generate_problems is one seeded stream of distinct questions; the generator's settings
+    are read from the build's own record)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -282,8 +283,8 @@ def fresh_prompts(paths: dict[str, Path], settings: dict, n: int) -> Path:
 
     path = paths["dev"].parent / f"fresh{n}.parquet"
     if not path.exists():
-        t = settings["task"]
-        problems = generate_problems(t["n_train"] + t["n_val"] + n, 0, min_steps=t["min_steps"],
+        t = json.loads((paths["task"] / "build_info.json").read_text())
+        problems = generate_problems(t["n_train"] + t["n_val"] + n, t["seed"], min_steps=t["min_steps"],
                                      max_steps=t["max_steps"], max_number=t["max_number"])
         pq.write_table(pa.Table.from_pylist(to_rows(problems[t["n_train"] + t["n_val"]:], "fresh")), path)
     return path
@@ -297,7 +298,7 @@ def confirm(settings: dict, paths: dict[str, Path], work: Path, results: Path) -
     if result_file.exists():
         return json.loads(result_file.read_text())
     spec, rounds = settings["confirm"], settings["rounds"]
-    fresh = fresh_prompts(paths, settings, spec["n_prompts"])
+    fresh = fresh_prompts(paths, spec["n_prompts"])
     record = {"method": spec["method"], "round": rounds, "n_prompts": spec["n_prompts"], "fresh": {}, "reproduced": {}}
     for name in (spec["method"], BASELINE):
         for seed in settings["seeds"]:
@@ -527,7 +528,7 @@ def run_task(settings: dict, quick: bool, names: list[str]) -> None:
     for seed in settings["seeds"]:  # seed-major: a cut-short study has every method at its first seeds
         for name in [n for n in names if n in task_methods(settings)]:
             run_method(name, seed, start_model, paths, settings, work, results)
-    if "confirm" in settings and set(task_methods(settings)) <= set(names):
+    if "confirm" in settings and {settings["confirm"]["method"], BASELINE} <= set(names):  # the runs it retrains
         confirm(settings, paths, work, results)
 
 

@@ -36,7 +36,7 @@ def test_splits_are_disjoint_and_answer_only_rows_carry_no_solution(study, tmp_p
     assert set(answer_only.column_names) == {"data_source", "prompt", "ability", "reward_model"}
     assert all(row["reward_model"]["ground_truth"] for row in answer_only.to_pylist())
 
-    fresh = [row["prompt"][0]["content"] for row in pq.read_table(study.fresh_prompts(paths, settings, 30)).to_pylist()]
+    fresh = [row["prompt"][0]["content"] for row in pq.read_table(study.fresh_prompts(paths, 30)).to_pylist()]
     val = [row["prompt"][0]["content"] for row in pq.read_table(paths["test"]).to_pylist()]
     assert len(set(fresh)) == 30 and not set(fresh) & (set(train) | set(val))  # the confirmation's prompts are new
 
